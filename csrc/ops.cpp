@@ -1,0 +1,122 @@
+// The op schemas (one registration layer for every device) and the argument
+// checks shared by the CPU and CUDA implementations.
+#include "ops.h"
+
+#include <Python.h>
+#include <torch/library.h>
+
+#include <climits>
+
+namespace lstm_fused {
+namespace {
+
+void check_param(const at::Tensor& p, const at::Tensor& x, const char* name,
+                 at::IntArrayRef shape) {
+  TORCH_CHECK(p.sizes() == shape, "lstm_fused: ", name, " must have shape ",
+              shape, ", got ", p.sizes());
+  TORCH_CHECK(p.scalar_type() == x.scalar_type(), "lstm_fused: ", name,
+              " must have dtype ", x.scalar_type(), " like the input, got ",
+              p.scalar_type());
+  TORCH_CHECK(p.device() == x.device(), "lstm_fused: ", name,
+              " must be on the input's device ", x.device(), ", got ", p.device());
+}
+
+}  // namespace
+
+LayerSizes check_layer_args(const at::Tensor& x, const at::Tensor& h0,
+                            const at::Tensor& c0, const at::Tensor& w_ih,
+                            const at::Tensor& w_hh,
+                            const std::optional<at::Tensor>& b_ih,
+                            const std::optional<at::Tensor>& b_hh,
+                            const std::optional<at::Tensor>& w_hr,
+                            const std::optional<at::Tensor>& batch_sizes) {
+  TORCH_CHECK(x.dim() == 2, "lstm_fused: x must be 2-D [rows, input_size], got ",
+              x.dim(), "-D");
+  TORCH_CHECK(h0.dim() == 2 && c0.dim() == 2,
+              "lstm_fused: h0 and c0 must be 2-D [batch, size], got ", h0.dim(),
+              "-D and ", c0.dim(), "-D");
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % 4 == 0 && w_ih.size(0) > 0,
+              "lstm_fused: w_ih must be [4*hidden_size, input_size], got ", w_ih.sizes());
+  LayerSizes s;
+  s.rows = x.size(0);
+  s.input = x.size(1);
+  s.hidden = w_ih.size(0) / 4;
+  s.batch = h0.size(0);
+  s.proj = w_hr.has_value() ? w_hr->size(0) : s.hidden;
+  const int64_t G = 4 * s.hidden;
+  check_param(w_ih, x, "w_ih", {G, s.input});
+  check_param(w_hh, x, "w_hh", {G, s.proj});
+  check_param(h0, x, "h0", {s.batch, s.proj});
+  check_param(c0, x, "c0", {s.batch, s.hidden});
+  if (b_ih) check_param(*b_ih, x, "b_ih", {G});
+  if (b_hh) check_param(*b_hh, x, "b_hh", {G});
+  if (w_hr) check_param(*w_hr, x, "w_hr", {s.proj, s.hidden});
+  TORCH_CHECK(s.batch > 0, "lstm_fused: batch size must be positive");
+
+  if (batch_sizes.has_value()) {
+    const at::Tensor& bs = *batch_sizes;
+    TORCH_CHECK(bs.dim() == 1 && bs.scalar_type() == at::kLong && bs.device().is_cpu(),
+                "lstm_fused: batch_sizes must be a 1-D int64 CPU tensor");
+    const at::Tensor bc = bs.contiguous();
+    s.batch_sizes.assign(bc.data_ptr<int64_t>(), bc.data_ptr<int64_t>() + bc.numel());
+    s.steps = bc.numel();
+    TORCH_CHECK(s.steps > 0, "lstm_fused: batch_sizes must not be empty");
+    TORCH_CHECK(s.batch_sizes[0] == s.batch, "lstm_fused: batch_sizes[0] (",
+                s.batch_sizes[0], ") must equal the batch of h0 (", s.batch, ")");
+    int64_t total = 0, prev = s.batch;
+    for (int64_t b : s.batch_sizes) {
+      TORCH_CHECK(b > 0 && b <= prev,
+                  "lstm_fused: batch_sizes must be positive and non-increasing");
+      total += b;
+      prev = b;
+    }
+    TORCH_CHECK(total == s.rows, "lstm_fused: batch_sizes sum to ", total,
+                " but x has ", s.rows, " rows");
+  } else {
+    TORCH_CHECK(s.rows > 0 && s.rows % s.batch == 0, "lstm_fused: x has ", s.rows,
+                " rows, not a positive multiple of the batch size ", s.batch);
+    s.steps = s.rows / s.batch;
+    s.batch_sizes.assign(s.steps, s.batch);
+  }
+  // The BLAS and the kernels index one matrix dimension with 32 bits.
+  for (int64_t v : {s.rows, s.input, G, s.proj})
+    TORCH_CHECK(v < INT_MAX, "lstm_fused: a dimension of ", v,
+                " is too large (limit 2^31 - 1)");
+  return s;
+}
+
+at::Tensor check_like(const std::optional<at::Tensor>& t, at::IntArrayRef shape,
+                      const at::Tensor& like, const char* name) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  TORCH_CHECK(t->sizes() == shape, "lstm_fused: ", name, " must have shape ", shape,
+              ", got ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == like.scalar_type() && t->device() == like.device(),
+              "lstm_fused: ", name, " must have the dtype and device of the input");
+  return t->contiguous();
+}
+
+}  // namespace lstm_fused
+
+TORCH_LIBRARY(lstm_fused, m) {
+  // One layer, one direction, the whole (packed) sequence. x is [rows, I];
+  // without batch_sizes the rows are T steps of the batch of h0.
+  // Returns y, h_n, c_n and the gate activations and cells saved for backward.
+  m.def(
+      "layer_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, "
+      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Returns dx, dh0, dc0, dw_ih, dw_hh, db (empty without bias; the gradient
+  // of b_ih and b_hh alike) and dw_hr (empty without projection).
+  m.def(
+      "layer_backward(Tensor? grad_y, Tensor? grad_h_n, Tensor? grad_c_n, Tensor x, "
+      "Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, "
+      "bool reverse, bool has_bias, Tensor y, Tensor gates, Tensor cells) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+// An importable module, so `import lstm_fused._C` loads the library and runs
+// the registrations above; it has no Python functions of its own.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&def);
+}

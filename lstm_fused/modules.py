@@ -1,0 +1,128 @@
+"""lstm_fused.LSTM: torch.nn.LSTM with its forward run by the fused ops."""
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from . import ops
+
+_HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
+def _has_kernel(device_type):
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "lstm_fused::layer_forward", key)
+
+
+class LSTM(nn.LSTM):
+    """Drop-in replacement for :class:`torch.nn.LSTM`.
+
+    Same constructor, parameters, state_dict keys, inputs, outputs and errors;
+    the forward pass (and its backward) runs lstm_fused's fused kernels.
+    On CPU, float16/bfloat16 run in float32 and are cast back.
+    """
+
+    def forward(self, input, hx=None):  # noqa: C901  (mirrors nn.LSTM.forward)
+        self._update_flat_weights()
+        orig_input = input
+        num_directions = 2 if self.bidirectional else 1
+        real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        batch_sizes = None
+        is_batched = True
+        batch_dim = 0 if self.batch_first else 1
+        if isinstance(orig_input, PackedSequence):
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            max_batch_size = int(batch_sizes[0])
+            if hx is not None:
+                self.check_forward_args(input, hx, batch_sizes)
+                hx = self.permute_hidden(hx, sorted_indices)
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(
+                    f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            is_batched = input.dim() == 3
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            max_batch_size = input.size(0) if self.batch_first else input.size(1)
+            sorted_indices = unsorted_indices = None
+            if hx is not None:
+                if is_batched:
+                    if hx[0].dim() != 3 or hx[1].dim() != 3:
+                        raise RuntimeError(
+                            "For batched 3-D input, hx and cx should also be 3-D but got "
+                            f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+                else:
+                    if hx[0].dim() != 2 or hx[1].dim() != 2:
+                        raise RuntimeError(
+                            "For unbatched 2-D input, hx and cx should also be 2-D but got "
+                            f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        if hx is None:
+            shape = (self.num_layers * num_directions, max_batch_size)
+            hx = (torch.zeros(*shape, real_hidden_size, dtype=input.dtype, device=input.device),
+                  torch.zeros(*shape, self.hidden_size, dtype=input.dtype, device=input.device))
+        if batch_sizes is None:
+            self.check_forward_args(input, hx, batch_sizes)
+            hx = self.permute_hidden(hx, sorted_indices)
+
+        if not _has_kernel(input.device.type):
+            warnings.warn(f"lstm_fused was built without kernels for {input.device.type}; "
+                          "running torch.nn.LSTM instead", stacklevel=2)
+            return super().forward(orig_input, hx if is_batched else
+                                   (hx[0].squeeze(1), hx[1].squeeze(1)))
+
+        if batch_sizes is None:
+            if self.batch_first:
+                input = input.transpose(0, 1)
+            steps, batch = input.shape[0], input.shape[1]
+            output, h_n, c_n = self._run(input.reshape(steps * batch, -1), hx, None)
+            output = output.view(steps, batch, -1)
+            if self.batch_first:
+                output = output.transpose(0, 1)
+            if not is_batched:
+                output = output.squeeze(batch_dim)
+                return output, (h_n.squeeze(1), c_n.squeeze(1))
+            return output, (h_n, c_n)
+        output, h_n, c_n = self._run(input, hx, batch_sizes)
+        packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+        return packed, self.permute_hidden((h_n, c_n), unsorted_indices)
+
+    def _layer_weights(self, index):
+        """(w_ih, w_hh, b_ih, b_hh, w_hr) of layer*directions + direction."""
+        per = len(self._flat_weights) // (self.num_layers * (2 if self.bidirectional else 1))
+        w = self._flat_weights[index * per:(index + 1) * per]
+        b_ih, b_hh = (w[2], w[3]) if self.bias else (None, None)
+        w_hr = w[-1] if self.proj_size > 0 else None
+        return w[0], w[1], b_ih, b_hh, w_hr
+
+    def _run(self, x, hx, batch_sizes):
+        """x: [rows, input_size] (steps of the batch, or packed rows)."""
+        h0, c0 = hx
+        out_dtype = x.dtype
+        upcast = x.device.type == "cpu" and out_dtype in _HALF_TYPES
+        if upcast:
+            x, h0, c0 = x.float(), h0.float(), c0.float()
+        directions = 2 if self.bidirectional else 1
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(directions):
+                index = layer * directions + direction
+                weights = self._layer_weights(index)
+                if upcast:
+                    weights = [w.float() if w is not None else None for w in weights]
+                y, h, c = ops.layer(x, h0[index], c0[index], *weights,
+                                    batch_sizes=batch_sizes, reverse=direction == 1)
+                outputs.append(y)
+                h_n.append(h)
+                c_n.append(c)
+            x = outputs[0] if directions == 1 else torch.cat(outputs, dim=1)
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, training=True)
+        h_n, c_n = torch.stack(h_n), torch.stack(c_n)
+        if upcast:
+            x, h_n, c_n = x.to(out_dtype), h_n.to(out_dtype), c_n.to(out_dtype)
+        return x, h_n, c_n

@@ -1,0 +1,66 @@
+"""The registered ops, their fake (meta) implementations and their autograd.
+
+`torch.ops.lstm_fused.layer_forward` runs one layer in one direction over a
+whole (packed) sequence; `layer_backward` is its gradient. Both are defined in
+C++ (csrc/ops.cpp) with CPU and CUDA implementations; this file adds what
+torch.compile/export and autograd need, and `layer`, the differentiable call
+the module uses.
+"""
+import torch
+
+from . import _C  # noqa: F401  (registers the ops)
+
+_ops = torch.ops.lstm_fused
+
+
+@torch.library.register_fake("lstm_fused::layer_forward")
+def _layer_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
+    rows, hidden, proj = x.shape[0], c0.shape[1], h0.shape[1]
+    return (x.new_empty(rows, proj), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
+            x.new_empty(rows, 4 * hidden), x.new_empty(rows, hidden))
+
+
+@torch.library.register_fake("lstm_fused::layer_backward")
+def _layer_backward_fake(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr,
+                         batch_sizes, reverse, has_bias, y, gates, cells):
+    hidden = c0.shape[1]
+    return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(c0),
+            torch.empty_like(w_ih), torch.empty_like(w_hh),
+            x.new_empty(4 * hidden if has_bias else 0),
+            torch.empty_like(w_hr) if w_hr is not None else x.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse = inputs
+    y, _, _, gates, cells = output
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, cells)
+    ctx.reverse = reverse
+    ctx.bias = (b_ih is not None, b_hh is not None)
+    ctx.mark_non_differentiable(gates, cells)
+
+
+def _backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
+    x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, cells = ctx.saved_tensors
+    has_bias = any(ctx.bias)
+    dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = _ops.layer_backward(
+        grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes,
+        ctx.reverse, has_bias, y, gates, cells)
+    return (dx, dh0, dc0, dw_ih, dw_hh,
+            db if ctx.bias[0] else None, db if ctx.bias[1] else None,
+            dw_hr if w_hr is not None else None, None, None)
+
+
+torch.library.register_autograd(
+    "lstm_fused::layer_forward", _backward, setup_context=_setup_context)
+
+
+def layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, batch_sizes=None,
+          reverse=False):
+    """One LSTM layer in one direction: returns (y, h_n, c_n).
+
+    x is [rows, input_size]: T steps of the batch of h0 one after another, or,
+    with `batch_sizes` (int64 CPU tensor, as in PackedSequence), packed rows.
+    """
+    y, h_n, c_n, _, _ = _ops.layer_forward(
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
+    return y, h_n, c_n

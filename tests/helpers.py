@@ -1,0 +1,82 @@
+"""Shared test helpers: a pair of modules with the same weights, and a
+comparison of everything a forward+backward produces."""
+import copy
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import lstm_fused
+
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+
+
+def pair(input_size, hidden_size, dtype=torch.float64, seed=0, **kw):
+    """(nn.LSTM, lstm_fused.LSTM) with identical weights."""
+    torch.manual_seed(seed)
+    ref = nn.LSTM(input_size, hidden_size, dtype=dtype, **kw)
+    ours = lstm_fused.LSTM(input_size, hidden_size, dtype=dtype, **kw)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def assert_close(actual, expected, dtype, what=""):
+    """Relative to the size of the expected values, per tensor."""
+    tol = TOL[dtype]
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=tol["rtol"], atol=tol["atol"] * scale,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def run(module, x, hx, seed=1):
+    """Forward, then backward of a loss that touches every output; returns
+    outputs and gradients (input, h0, c0, every parameter) as a flat list."""
+    x = x.detach().clone().requires_grad_(True)
+    hx = None if hx is None else tuple(h.detach().clone().requires_grad_(True) for h in hx)
+    module.zero_grad()
+    inp = x
+    if isinstance(x, PackedSequence):
+        raise TypeError("pass padded input and lengths via run_packed")
+    torch.manual_seed(seed)
+    out, (h_n, c_n) = module(inp, hx)
+    g = torch.Generator().manual_seed(123)
+    loss = ((out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum()
+            + (h_n * torch.randn(h_n.shape, generator=g, dtype=out.dtype)).sum()
+            + (c_n * torch.randn(c_n.shape, generator=g, dtype=out.dtype)).sum())
+    loss.backward()
+    grads = [x.grad] + ([h.grad for h in hx] if hx is not None else [])
+    grads += [p.grad for p in module.parameters()]
+    return [out, h_n, c_n] + grads
+
+
+def run_packed(module, x, lengths, hx, batch_first=False, enforce_sorted=False, seed=1):
+    x = x.detach().clone().requires_grad_(True)
+    hx = None if hx is None else tuple(h.detach().clone().requires_grad_(True) for h in hx)
+    module.zero_grad()
+    packed = pack_padded_sequence(x, lengths, batch_first=batch_first,
+                                  enforce_sorted=enforce_sorted)
+    torch.manual_seed(seed)
+    out, (h_n, c_n) = module(packed, hx)
+    assert isinstance(out, PackedSequence)
+    g = torch.Generator().manual_seed(123)
+    data = out.data
+    loss = ((data * torch.randn(data.shape, generator=g, dtype=data.dtype)).sum()
+            + (h_n * torch.randn(h_n.shape, generator=g, dtype=data.dtype)).sum()
+            + (c_n * torch.randn(c_n.shape, generator=g, dtype=data.dtype)).sum())
+    loss.backward()
+    grads = [x.grad] + ([h.grad for h in hx] if hx is not None else [])
+    grads += [p.grad for p in module.parameters()]
+    return [data, h_n, c_n] + grads
+
+
+def compare(ref_results, our_results, dtype):
+    names = ["output", "h_n", "c_n", "grad"]
+    assert len(ref_results) == len(our_results)
+    for k, (a, b) in enumerate(zip(our_results, ref_results)):
+        assert (a is None) == (b is None), f"result {k}: one side has no gradient"
+        if a is not None:
+            assert_close(a, b, dtype, what=f"result {k} ({names[min(k, 3)]})")
+
+
+def clone(module):
+    return copy.deepcopy(module)
