@@ -9,8 +9,10 @@
 #include <cstring>
 #include <vector>
 
-#include "../lstm_cell.h"
+#include <ATen/Parallel.h>
+
 #include "blas.h"
+#include "cell_rows.h"
 
 namespace lstm_fused::cpu {
 namespace {
@@ -34,6 +36,16 @@ inline int64_t step_at(const LayerDims& d, int64_t k) {
 template <typename T>
 void copy_rows(T* dst, const T* src, int64_t count) {
   if (count > 0) std::memcpy(dst, src, sizeof(T) * count);
+}
+
+// Runs fn(b) for the rows b in [0, n), split across threads only when a
+// step has enough cells to pay for it.
+template <typename F>
+void for_rows(int64_t n, int64_t width, const F& fn) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1));
+  at::parallel_for(0, n, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) fn(b);
+  });
 }
 
 }  // namespace
@@ -61,24 +73,15 @@ void layer_forward(const LayerDims& d, const ForwardArgs<T>& a) {
   copy_rows(a.c_n, a.c0, B * H);
   std::vector<T> h_pre(a.w_hr ? B * H : 0);  // o*tanh(c) before projection
 
+  const CellRows<T>& cell = cell_rows<T>();
   for (int64_t k = 0; k < d.steps; ++k) {
     const int64_t t = step_at(d, k), n = d.batch_sizes[t], r0 = off[t];
     T* g = a.gates + r0 * G;
     gemm<T>(false, true, n, G, P, T(1), a.h_n, P, a.w_hh, P, T(1), g, G);
-    for (int64_t b = 0; b < n; ++b) {
-      T* gi = g + b * G;
-      T* c_state = a.c_n + b * H;
-      T* c_saved = a.cells + (r0 + b) * H;
+    for_rows(n, H, [&](int64_t b) {
       T* h_out = a.w_hr ? h_pre.data() + b * H : a.h_n + b * P;
-      for (int64_t j = 0; j < H; ++j) {
-        T c, h;
-        cell_forward(gi[j], gi[H + j], gi[2 * H + j], gi[3 * H + j],
-                     c_state[j], c, h);
-        c_state[j] = c;
-        c_saved[j] = c;
-        h_out[j] = h;
-      }
-    }
+      cell.forward(g + b * G, a.c_n + b * H, a.cells + (r0 + b) * H, h_out, H);
+    });
     if (a.w_hr)
       gemm<T>(false, true, n, P, H, T(1), h_pre.data(), H, a.w_hr, H, T(0),
               a.h_n, P);
@@ -98,6 +101,7 @@ void layer_backward(const LayerDims& d, const BackwardArgs<T>& a) {
   if (a.dh_n) copy_rows(dh, a.dh_n, B * P); else std::fill(dh, dh + B * P, T(0));
   if (a.dc_n) copy_rows(dc, a.dc_n, B * H); else std::fill(dc, dc + B * H, T(0));
 
+  const CellRows<T>& cell = cell_rows<T>();
   std::vector<T> dgates(N * G);
   std::vector<T> dh_all(a.w_hr ? N * P : 0);  // dh of every step (for dW_hr)
   std::vector<T> dh_pre(a.w_hr ? B * H : 0);  // dh before projection
@@ -121,19 +125,11 @@ void layer_backward(const LayerDims& d, const BackwardArgs<T>& a) {
       dhv = dh_pre.data();
     }
     T* dg = dgates.data() + r0 * G;
-    for (int64_t b = 0; b < n; ++b) {
-      const T* gi = a.gates + (r0 + b) * G;
-      const T* c = a.cells + (r0 + b) * H;
+    for_rows(n, H, [&](int64_t b) {
       const T* cp = b < n_prev ? c_prev_rows + b * H : a.c0 + b * H;
-      const T* dhb = dhv + b * H;
-      T* dcb = dc + b * H;
-      T* dgb = dg + b * G;
-      for (int64_t j = 0; j < H; ++j) {
-        cell_backward(gi[j], gi[H + j], gi[2 * H + j], gi[3 * H + j], c[j],
-                      cp[j], dhb[j], dcb[j], dgb[j], dgb[H + j], dgb[2 * H + j],
-                      dgb[3 * H + j], dcb[j]);
-      }
-    }
+      cell.backward(a.gates + (r0 + b) * G, a.cells + (r0 + b) * H, cp, dhv + b * H,
+                    dc + b * H, dg + b * G, H);
+    });
     // dh_{t-1} = dgates_t W_hh for the active rows.
     gemm<T>(false, false, n, P, G, T(1), dg, G, a.w_hh, P, T(0), dh, P);
   }
@@ -163,9 +159,9 @@ void layer_backward(const LayerDims& d, const BackwardArgs<T>& a) {
   }
   if (a.w_hr) {
     std::vector<T> h_pre(N * H);
-    for (int64_t r = 0; r < N; ++r)
-      for (int64_t j = 0; j < H; ++j)
-        h_pre[r * H + j] = cell_hidden(a.gates[r * G + 3 * H + j], a.cells[r * H + j]);
+    for_rows(N, H, [&](int64_t r) {
+      cell.hidden(a.gates + r * G, a.cells + r * H, h_pre.data() + r * H, H);
+    });
     gemm<T>(true, false, P, H, N, T(1), dh_all.data(), P, h_pre.data(), H, T(0),
             a.dw_hr, H);
   }
