@@ -1,6 +1,11 @@
 #include "blas.h"
 
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+
 #include <algorithm>
+#include <cstdlib>
+#include <type_traits>
 #include <vector>
 
 extern "C" {
@@ -71,5 +76,65 @@ void gemm<double>(bool ta, bool tb, int64_t M, int64_t N, int64_t K,
   else
     gemm_loop(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
+
+#if defined(CPUBLAS_BRGEMM_F32F32F32)
+namespace {
+// One probe at load: the kernel must exist on this machine and be right.
+bool probe_brgemm() {
+  const char* env = std::getenv("LSTM_FUSED_NO_BRGEMM");
+  if (env != nullptr && env[0] != '\0' && env[0] != '0') return false;
+  try {
+    const float a[2] = {1.f, 2.f}, b[2] = {3.f, 4.f};
+    float c[1] = {0.f};
+    at::native::cpublas::brgemm(1, 1, 2, 2, 1, 1, false, a, b, c, false);
+    at::native::cpublas::brgemm_release(false);
+    return c[0] == 11.f;
+  } catch (...) {
+    return false;
+  }
+}
+}  // namespace
+
+bool have_brgemm() {
+  static const bool ok = probe_brgemm();
+  return ok;
+}
+void brgemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+            const float* B, int64_t ldb, float* C, int64_t ldc, bool add) {
+  if (M > 0 && N > 0) at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, false);
+}
+void brgemm_done() { at::native::cpublas::brgemm_release(false); }
+#else
+bool have_brgemm() { return false; }
+void brgemm(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t,
+            float*, int64_t, bool) {}
+void brgemm_done() {}
+#endif
+
+template <typename T>
+void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+             int64_t ldb, T* C, int64_t ldc, bool add) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (have_brgemm() && K > 0) {
+      constexpr int64_t mb = 128, nb = 64;
+      const int64_t tm = (M + mb - 1) / mb, tn = (N + nb - 1) / nb;
+      at::parallel_for(0, tm * tn, 1, [&](int64_t s, int64_t e) {
+        for (int64_t t = s; t < e; ++t) {
+          const int64_t m0 = (t / tn) * mb, n0 = (t % tn) * nb;
+          brgemm(std::min(mb, M - m0), std::min(nb, N - n0), K, A + m0 * lda, lda,
+                 B + n0, ldb, C + m0 * ldc + n0, ldc, add);
+        }
+        brgemm_done();
+      });
+      return;
+    }
+  }
+  gemm<T>(false, false, M, N, K, T(1), A, lda, B, ldb, add ? T(1) : T(0), C, ldc);
+}
+
+template void gemm_nn<float>(int64_t, int64_t, int64_t, const float*, int64_t,
+                             const float*, int64_t, float*, int64_t, bool);
+template void gemm_nn<double>(int64_t, int64_t, int64_t, const double*, int64_t,
+                              const double*, int64_t, double*, int64_t, bool);
 
 }  // namespace lstm_fused::cpu

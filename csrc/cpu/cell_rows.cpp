@@ -6,8 +6,8 @@ namespace lstm_fused::cpu {
 namespace {
 
 template <typename T>
-void forward_scalar(T* g, T* c, T* c_saved, T* h, int64_t H) {
-  for (int64_t j = 0; j < H; ++j) {
+void forward_scalar(T* g, int64_t H, T* c, T* c_saved, T* h, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
     T cn, hn;
     cell_forward(g[j], g[H + j], g[2 * H + j], g[3 * H + j], c[j], cn, hn);
     c[j] = cn;
@@ -17,16 +17,16 @@ void forward_scalar(T* g, T* c, T* c_saved, T* h, int64_t H) {
 }
 
 template <typename T>
-void backward_scalar(const T* g, const T* c, const T* c_prev, const T* dh, T* dc,
-                     T* dg, int64_t H) {
-  for (int64_t j = 0; j < H; ++j)
+void backward_scalar(const T* g, int64_t H, const T* c, const T* c_prev, const T* dh,
+                     T* dc, T* dg, int64_t n) {
+  for (int64_t j = 0; j < n; ++j)
     cell_backward(g[j], g[H + j], g[2 * H + j], g[3 * H + j], c[j], c_prev[j], dh[j],
                   dc[j], dg[j], dg[H + j], dg[2 * H + j], dg[3 * H + j], dc[j]);
 }
 
 template <typename T>
-void hidden_scalar(const T* g, const T* c, T* h, int64_t H) {
-  for (int64_t j = 0; j < H; ++j) h[j] = cell_hidden(g[3 * H + j], c[j]);
+void hidden_scalar(const T* g, int64_t H, const T* c, T* h, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) h[j] = cell_hidden(g[3 * H + j], c[j]);
 }
 
 template <typename T>

@@ -8,17 +8,19 @@
 
 namespace lstm_fused::cpu {
 
+// Each handles n hidden units of one row; gate q of unit j is g[q*stride + j]
+// (stride = H for a whole row; a block of units passes a pointer into it).
 template <typename T>
 struct CellRows {
-  // g [4H]: pre-activations in, activations out. c [H]: previous cell in,
-  // new cell out; c_saved [H] gets it too. h [H]: o*tanh(c).
-  void (*forward)(T* g, T* c, T* c_saved, T* h, int64_t H);
-  // g [4H] activations, c [H], c_prev [H], dh [H]; dc [H]: gradient of c in,
-  // of c_prev out; dg [4H] out: gradients of the pre-activations.
-  void (*backward)(const T* g, const T* c, const T* c_prev, const T* dh, T* dc,
-                   T* dg, int64_t H);
-  // h [H] = o*tanh(c), o taken from the activations g [4H].
-  void (*hidden)(const T* g, const T* c, T* h, int64_t H);
+  // g: pre-activations in, activations out. c [n]: previous cell in, new cell
+  // out; c_saved [n] gets it too. h [n]: o*tanh(c).
+  void (*forward)(T* g, int64_t stride, T* c, T* c_saved, T* h, int64_t n);
+  // g: activations; c, c_prev, dh [n]; dc [n]: gradient of c in, of c_prev
+  // out; dg (laid out like g) out: gradients of the pre-activations.
+  void (*backward)(const T* g, int64_t stride, const T* c, const T* c_prev,
+                   const T* dh, T* dc, T* dg, int64_t n);
+  // h [n] = o*tanh(c), o taken from the activations g.
+  void (*hidden)(const T* g, int64_t stride, const T* c, T* h, int64_t n);
   const char* isa;
 };
 
