@@ -116,13 +116,17 @@ void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* 
              int64_t ldb, T* C, int64_t ldc, bool add) {
   if constexpr (std::is_same_v<T, float>) {
     if (have_brgemm() && K > 0) {
-      constexpr int64_t mb = 128, nb = 64;
+      // Tiles of C across threads; a long K runs in chunks so that a chunk
+      // of B's panel stays in cache.
+      constexpr int64_t mb = 128, nb = 64, kb = 512;
       const int64_t tm = (M + mb - 1) / mb, tn = (N + nb - 1) / nb;
       at::parallel_for(0, tm * tn, 1, [&](int64_t s, int64_t e) {
         for (int64_t t = s; t < e; ++t) {
           const int64_t m0 = (t / tn) * mb, n0 = (t % tn) * nb;
-          brgemm(std::min(mb, M - m0), std::min(nb, N - n0), K, A + m0 * lda, lda,
-                 B + n0, ldb, C + m0 * ldc + n0, ldc, add);
+          for (int64_t k0 = 0; k0 < K; k0 += kb)
+            brgemm(std::min(mb, M - m0), std::min(nb, N - n0), std::min(kb, K - k0),
+                   A + m0 * lda + k0, lda, B + k0 * ldb + n0, ldb, C + m0 * ldc + n0, ldc,
+                   add || k0 > 0);
         }
         brgemm_done();
       });
@@ -132,6 +136,17 @@ void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* 
   gemm<T>(false, false, M, N, K, T(1), A, lda, B, ldb, add ? T(1) : T(0), C, ldc);
 }
 
+template <typename T>
+void transpose(const T* in, int64_t rows, int64_t cols, T* out) {
+  constexpr int64_t tile = 32;
+  for (int64_t r0 = 0; r0 < rows; r0 += tile)
+    for (int64_t c0 = 0; c0 < cols; c0 += tile)
+      for (int64_t r = r0; r < std::min(rows, r0 + tile); ++r)
+        for (int64_t c = c0; c < std::min(cols, c0 + tile); ++c) out[c * rows + r] = in[r * cols + c];
+}
+
+template void transpose<float>(const float*, int64_t, int64_t, float*);
+template void transpose<double>(const double*, int64_t, int64_t, double*);
 template void gemm_nn<float>(int64_t, int64_t, int64_t, const float*, int64_t,
                              const float*, int64_t, float*, int64_t, bool);
 template void gemm_nn<double>(int64_t, int64_t, int64_t, const double*, int64_t,

@@ -36,4 +36,8 @@ template <typename T>
 void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
              int64_t ldb, T* C, int64_t ldc, bool add);
 
+// [rows, cols] -> [cols, rows], row-major, in cache-sized tiles.
+template <typename T>
+void transpose(const T* in, int64_t rows, int64_t cols, T* out);
+
 }  // namespace lstm_fused::cpu

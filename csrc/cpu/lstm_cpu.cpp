@@ -57,18 +57,6 @@ bool use_tiled(const LayerDims& d) {
   return std::is_same_v<T, float> && have_brgemm() && d.steps >= 4;
 }
 
-// [rows, cols] -> [cols, rows], row-major, in cache-sized tiles.
-template <typename T>
-std::vector<T> transposed(const T* w, int64_t rows, int64_t cols) {
-  std::vector<T> out(rows * cols);
-  constexpr int64_t tile = 32;
-  for (int64_t r0 = 0; r0 < rows; r0 += tile)
-    for (int64_t c0 = 0; c0 < cols; c0 += tile)
-      for (int64_t r = r0; r < std::min(rows, r0 + tile); ++r)
-        for (int64_t c = c0; c < std::min(cols, c0 + tile); ++c) out[c * rows + r] = w[r * cols + c];
-  return out;
-}
-
 // Hidden units per block of the fused recurrent step.
 constexpr int64_t kUnits = 32;
 
@@ -141,8 +129,8 @@ void layer_forward(const LayerDims& d, const ForwardArgs<T>& a) {
   if (!tiled)
     gemm<T>(false, true, N, G, I, T(1), a.x, I, a.w_ih, I, has_bias ? T(1) : T(0),
             a.gates, G);
-  const std::vector<T> w_hr_t =
-      tiled && a.w_hr ? transposed(a.w_hr, P, H) : std::vector<T>();
+  std::vector<T> w_hr_t(tiled && a.w_hr ? H * P : 0);
+  if (!w_hr_t.empty()) transpose(a.w_hr, P, H, w_hr_t.data());
 
   // h of the previous step (cur) and of this one (nxt); rows that are not
   // active keep their state in both. c_n holds the running cell state.
