@@ -1,0 +1,328 @@
+// CUDA implementations of the ops: check, allocate once, run the layer.
+//
+// Forward: the input projection of all steps is one GEMM (cuBLAS through
+// ATen); then per step one fused kernel (lstm_cuda.cu) does h_{t-1} W_hh^T and
+// the cell, plus, with projection, one GEMM h = h' W_hr^T. Backward walks the
+// steps in reverse: per step one fused kernel (dh' = dh W_hr, cell_backward)
+// and one GEMM dh_{t-1} += dG_t W_hh; dx, dW_ih, dW_hh, db, dW_hr are GEMMs
+// over all steps after the loop, as on the CPU (csrc/cpu/lstm_cpu.cpp).
+// Half types store in their dtype and compute in float: the input
+// projection, the cell state, the gate gradients and the running gradients of
+// h and c are float workspaces, so the backward recurrence runs in float.
+// Nothing is allocated and nothing waits for the GPU inside the step loops.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "../ops.h"
+#include "lstm_cuda.h"
+
+#if TORCH_VERSION_MAJOR < 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR < 8)
+#error "the lstm_fused CUDA build needs torch >= 2.8 (mm with out_dtype)"
+#endif
+
+namespace lstm_fused {
+namespace {
+
+// The packed layout: first row of every step, and the steps in processing
+// order (T-1 .. 0 for the reverse direction).
+struct Layout {
+  const LayerSizes& s;
+  bool reverse;
+  std::vector<int64_t> off;
+
+  Layout(const LayerSizes& sizes, bool rev) : s(sizes), reverse(rev), off(sizes.steps) {
+    int64_t r = 0;
+    for (int64_t t = 0; t < s.steps; ++t) {
+      off[t] = r;
+      r += s.batch_sizes[t];
+    }
+  }
+  int64_t step(int64_t k) const { return reverse ? s.steps - 1 - k : k; }
+  int64_t rows(int64_t t) const { return s.batch_sizes[t]; }
+  // Rows of the k-th step in processing order, 0 outside [0, steps).
+  int64_t rows_at(int64_t k) const { return k >= 0 && k < s.steps ? rows(step(k)) : 0; }
+};
+
+template <typename T>
+T* ptr(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// out = a b, or out += a b, in out's dtype: float out for half a and b
+// (float32 accumulation; that case never accumulates).
+void gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if (out.scalar_type() != a.scalar_type()) {
+    TORCH_INTERNAL_ASSERT(!accumulate);
+    at::mm_out(out, a, b, out.scalar_type());
+  } else if (accumulate) {
+    at::addmm_out(out, out, a, b);
+  } else {
+    at::mm_out(out, a, b);
+  }
+}
+
+template <typename T>
+void run_forward(const Layout& L, const at::Tensor& x, const at::Tensor& h0,
+                 const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                 const at::Tensor& b_ih, const at::Tensor& b_hh, const at::Tensor& w_hr,
+                 at::Tensor& y, at::Tensor& h_n, at::Tensor& c_n, at::Tensor& gates,
+                 at::Tensor& cells) {
+  using A = at::opmath_type<T>;
+  constexpr bool same = std::is_same_v<T, A>;
+  const LayerSizes& s = L.s;
+  const int64_t N = s.rows, B = s.batch, H = s.hidden, P = s.proj, G = 4 * H;
+  const bool proj = w_hr.defined();
+  const auto acc = x.options().dtype(c10::CppTypeToScalarType<A>::value);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  // x W_ih^T for all steps; in place in `gates` when T computes in T.
+  at::Tensor xg = same ? gates : at::empty({N, G}, acc);
+  gemm(xg, x, w_ih.t(), false);
+  at::Tensor bias;
+  if (b_ih.defined() || b_hh.defined()) {
+    bias = at::zeros({G}, acc);
+    if (b_ih.defined()) bias.add_(b_ih);
+    if (b_hh.defined()) bias.add_(b_hh);
+  }
+  at::Tensor c_state = same ? c_n : at::empty({B, H}, acc);
+  c_state.copy_(c0);
+  at::Tensor h_pre = proj ? at::empty({B, H}, x.options()) : at::Tensor();
+
+  for (int64_t k = 0; k < s.steps; ++k) {
+    const int64_t t = L.step(k), n = L.rows(t), r0 = L.off[t];
+    const int64_t n_prev = L.rows_at(k - 1);
+    cuda::ForwardStep<T, A> p;
+    p.w_hh = ptr<T>(w_hh);
+    p.xg = ptr<A>(xg) + r0 * G;
+    p.bias = ptr<A>(bias);
+    p.h_prev = n_prev > 0 ? ptr<T>(y) + L.off[L.step(k - 1)] * P : nullptr;
+    p.h0 = ptr<T>(h0);
+    p.c_state = ptr<A>(c_state);
+    p.gates = ptr<T>(gates) + r0 * G;
+    p.cells = ptr<T>(cells) + r0 * H;
+    p.h_out = proj ? ptr<T>(h_pre) : ptr<T>(y) + r0 * P;
+    p.ld_h = static_cast<int>(proj ? H : P);
+    p.n = static_cast<int>(n);
+    p.n_prev = static_cast<int>(n_prev);
+    p.hidden = static_cast<int>(H);
+    p.proj = static_cast<int>(P);
+    cuda::forward_step(p, stream);
+    if (proj) gemm(y.narrow(0, r0, n), h_pre.narrow(0, 0, n), w_hr.t(), false);
+  }
+
+  if (!same) c_n.copy_(c_state);
+  // h_n: every row's h at its last step in processing order. The rows that
+  // end at one step are a contiguous range of it.
+  for (int64_t k = 0; k < s.steps; ++k) {
+    const int64_t t = L.step(k), n = L.rows(t), n_next = L.rows_at(k + 1);
+    if (n > n_next)
+      h_n.narrow(0, n_next, n - n_next).copy_(y.narrow(0, L.off[t] + n_next, n - n_next));
+  }
+}
+
+// h_{t-1} of every row of every step: y of the previous step in processing
+// order, or h0 where a row starts. Copied in merged contiguous runs.
+at::Tensor previous_h(const Layout& L, const at::Tensor& y, const at::Tensor& h0) {
+  const LayerSizes& s = L.s;
+  at::Tensor out = at::empty({s.rows, s.proj}, y.options());
+  struct Run { const at::Tensor* src; int64_t dst, from, count; };
+  std::vector<Run> runs;
+  auto add = [&](const at::Tensor* src, int64_t dst, int64_t from, int64_t count) {
+    if (count <= 0) return;
+    if (!runs.empty()) {
+      Run& r = runs.back();
+      if (r.src == src && r.dst + r.count == dst && r.from + r.count == from) {
+        r.count += count;
+        return;
+      }
+    }
+    runs.push_back({src, dst, from, count});
+  };
+  for (int64_t t = 0; t < s.steps; ++t) {
+    const int64_t k = L.reverse ? s.steps - 1 - t : t;  // t's place in processing order
+    const int64_t n = L.rows(t), n_prev = L.rows_at(k - 1), m = std::min(n, n_prev);
+    if (m > 0) add(&y, L.off[t], L.off[L.step(k - 1)], m);
+    add(&h0, L.off[t] + m, m, n - m);
+  }
+  for (const Run& r : runs)
+    out.narrow(0, r.dst, r.count).copy_(r.src->narrow(0, r.from, r.count));
+  return out;
+}
+
+template <typename T>
+void run_backward(const Layout& L, const at::Tensor& dy, const at::Tensor& dh_n,
+                  const at::Tensor& dc_n, const at::Tensor& x, const at::Tensor& h0,
+                  const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                  const at::Tensor& w_hr, const at::Tensor& y, const at::Tensor& gates,
+                  const at::Tensor& cells, bool has_bias, at::Tensor& dx, at::Tensor& dh0,
+                  at::Tensor& dc0, at::Tensor& dw_ih, at::Tensor& dw_hh, at::Tensor& db,
+                  at::Tensor& dw_hr) {
+  using A = at::opmath_type<T>;
+  constexpr bool same = std::is_same_v<T, A>;
+  const LayerSizes& s = L.s;
+  const int64_t N = s.rows, B = s.batch, H = s.hidden, P = s.proj, G = 4 * H;
+  const bool proj = w_hr.defined();
+  const auto acc = x.options().dtype(c10::CppTypeToScalarType<A>::value);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  // dh: the gradient of every step's h (after projection): grad_y, plus
+  // grad_h_n at each row's last step, plus (in the loop) the recurrent part.
+  at::Tensor dh = at::empty({N, P}, acc);
+  if (dy.defined()) dh.copy_(dy);
+  else dh.zero_();
+  if (dh_n.defined()) {
+    for (int64_t k = 0; k < s.steps; ++k) {
+      const int64_t t = L.step(k), n = L.rows(t), n_next = L.rows_at(k + 1);
+      if (n > n_next)
+        dh.narrow(0, L.off[t] + n_next, n - n_next).add_(dh_n.narrow(0, n_next, n - n_next));
+    }
+  }
+  // dc carries the gradient of c backwards; it ends as dc0.
+  at::Tensor dc = same ? dc0 : at::empty({B, H}, acc);
+  if (dc_n.defined()) dc.copy_(dc_n);
+  else dc.zero_();
+  at::Tensor dh0_acc = same ? dh0 : at::empty({B, P}, acc);
+  at::Tensor dgates = at::empty({N, G}, acc);
+  const at::Tensor w_hh_acc = same ? w_hh : w_hh.to(acc.dtype());
+
+  for (int64_t k = s.steps - 1; k >= 0; --k) {
+    const int64_t t = L.step(k), n = L.rows(t), r0 = L.off[t];
+    const int64_t n_prev = L.rows_at(k - 1);
+    const int64_t r_prev = n_prev > 0 ? L.off[L.step(k - 1)] : 0;
+    cuda::BackwardStep<T, A> p;
+    p.w_hr = ptr<T>(w_hr);
+    p.dh = ptr<A>(dh) + r0 * P;
+    p.gates = ptr<T>(gates) + r0 * G;
+    p.cells = ptr<T>(cells) + r0 * H;
+    p.c_prev = n_prev > 0 ? ptr<T>(cells) + r_prev * H : nullptr;
+    p.c0 = ptr<T>(c0);
+    p.dc = ptr<A>(dc);
+    p.dgates = ptr<A>(dgates) + r0 * G;
+    p.n = static_cast<int>(n);
+    p.n_prev = static_cast<int>(n_prev);
+    p.hidden = static_cast<int>(H);
+    p.proj = static_cast<int>(P);
+    cuda::backward_step(p, stream);
+    // dh_{t-1} = dG_t W_hh: into the previous step's rows, or dh0 where a
+    // row started at this step.
+    const at::Tensor dg = dgates.narrow(0, r0, n);
+    const int64_t m = std::min(n, n_prev);
+    if (m > 0) gemm(dh.narrow(0, r_prev, m), dg.narrow(0, 0, m), w_hh_acc, true);
+    if (n > m) gemm(dh0_acc.narrow(0, m, n - m), dg.narrow(0, m, n - m), w_hh_acc, false);
+  }
+
+  // The big GEMMs run in T (float accumulation for the half types).
+  const at::Tensor dg = same ? dgates : dgates.to(x.scalar_type());
+  gemm(dx, dg, w_ih, false);
+  gemm(dw_ih, dg.t(), x, false);
+  gemm(dw_hh, dg.t(), previous_h(L, y, h0), false);
+  if (has_bias) {
+    const int64_t dim0[] = {0};
+    if (same) at::sum_out(db, dgates, at::IntArrayRef(dim0));
+    else db.copy_(dgates.sum(0));
+  }
+  if (proj) {
+    const at::Tensor h_pre = gates.narrow(1, 3 * H, H) * at::tanh(cells);
+    gemm(dw_hr, same ? dh.t() : dh.to(x.scalar_type()).t(), h_pre, false);
+  }
+  if (!same) {
+    dh0.copy_(dh0_acc);
+    dc0.copy_(dc);
+  }
+}
+
+void check_cuda(const at::Tensor& x, const LayerSizes& s) {
+  TORCH_CHECK(x.is_cuda(), "lstm_fused: expected CUDA tensors, got ", x.device());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              "lstm_fused: the CUDA kernels support float32, float64, float16 and bfloat16, "
+              "got ", dt);
+  TORCH_CHECK(s.batch <= cuda::kMaxBatch, "lstm_fused: batch size ", s.batch,
+              " is above the CUDA kernels' limit ", cuda::kMaxBatch);
+}
+
+at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward_cuda(
+    const at::Tensor& x_, const at::Tensor& h0_, const at::Tensor& c0_,
+    const at::Tensor& w_ih_, const at::Tensor& w_hh_, const std::optional<at::Tensor>& b_ih_,
+    const std::optional<at::Tensor>& b_hh_, const std::optional<at::Tensor>& w_hr_,
+    const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+  const LayerSizes s =
+      check_layer_args(x_, h0_, c0_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, batch_sizes);
+  check_cuda(x_, s);
+  const c10::cuda::CUDAGuard device(x_.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const at::Tensor x = x_.contiguous(), h0 = h0_.contiguous(), c0 = c0_.contiguous(),
+                   w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const at::Tensor b_ih = contiguous_or_undefined(b_ih_),
+                   b_hh = contiguous_or_undefined(b_hh_),
+                   w_hr = contiguous_or_undefined(w_hr_);
+  at::Tensor y = x.new_empty({s.rows, s.proj});
+  at::Tensor h_n = x.new_empty({s.batch, s.proj});
+  at::Tensor c_n = x.new_empty({s.batch, s.hidden});
+  at::Tensor gates = x.new_empty({s.rows, 4 * s.hidden});
+  at::Tensor cells = x.new_empty({s.rows, s.hidden});
+  const Layout L(s, reverse);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "lstm_fused_layer_forward_cuda", [&] {
+    run_forward<scalar_t>(L, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, h_n, c_n, gates,
+                          cells);
+  });
+  return {y, h_n, c_n, gates, cells};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+layer_backward_cuda(const std::optional<at::Tensor>& grad_y,
+                    const std::optional<at::Tensor>& grad_h_n,
+                    const std::optional<at::Tensor>& grad_c_n, const at::Tensor& x_,
+                    const at::Tensor& h0_, const at::Tensor& c0_, const at::Tensor& w_ih_,
+                    const at::Tensor& w_hh_, const std::optional<at::Tensor>& w_hr_,
+                    const std::optional<at::Tensor>& batch_sizes, bool reverse, bool has_bias,
+                    const at::Tensor& y_, const at::Tensor& gates_, const at::Tensor& cells_) {
+  const LayerSizes s = check_layer_args(x_, h0_, c0_, w_ih_, w_hh_, std::nullopt,
+                                        std::nullopt, w_hr_, batch_sizes);
+  check_cuda(x_, s);
+  const c10::cuda::CUDAGuard device(x_.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const at::Tensor x = x_.contiguous(), h0 = h0_.contiguous(), c0 = c0_.contiguous(),
+                   w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous(),
+                   w_hr = contiguous_or_undefined(w_hr_);
+  const at::Tensor y = check_like(y_, {s.rows, s.proj}, x, "y");
+  const at::Tensor gates = check_like(gates_, {s.rows, 4 * s.hidden}, x, "gates");
+  const at::Tensor cells = check_like(cells_, {s.rows, s.hidden}, x, "cells");
+  const at::Tensor dy = check_like(grad_y, {s.rows, s.proj}, x, "grad_y");
+  const at::Tensor dh_n = check_like(grad_h_n, {s.batch, s.proj}, x, "grad_h_n");
+  const at::Tensor dc_n = check_like(grad_c_n, {s.batch, s.hidden}, x, "grad_c_n");
+
+  at::Tensor dx = at::empty_like(x), dh0 = at::empty_like(h0), dc0 = at::empty_like(c0);
+  at::Tensor dw_ih = at::empty_like(w_ih), dw_hh = at::empty_like(w_hh);
+  at::Tensor db = x.new_empty({has_bias ? 4 * s.hidden : 0});
+  at::Tensor dw_hr = w_hr.defined() ? at::empty_like(w_hr) : x.new_empty({0});
+  const Layout L(s, reverse);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "lstm_fused_layer_backward_cuda", [&] {
+    run_backward<scalar_t>(L, dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, w_hr, y, gates, cells,
+                           has_bias, dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr);
+  });
+  return {dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr};
+}
+
+}  // namespace
+}  // namespace lstm_fused
+
+TORCH_LIBRARY_IMPL(lstm_fused, CUDA, m) {
+  m.impl("layer_forward", &lstm_fused::layer_forward_cuda);
+  m.impl("layer_backward", &lstm_fused::layer_backward_cuda);
+}
