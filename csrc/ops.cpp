@@ -2,7 +2,6 @@
 // checks shared by the CPU and CUDA implementations.
 #include "ops.h"
 
-#include <Python.h>
 #include <torch/library.h>
 
 #include <climits>
@@ -37,6 +36,8 @@ LayerSizes check_layer_args(const at::Tensor& x, const at::Tensor& h0,
               "-D and ", c0.dim(), "-D");
   TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % 4 == 0 && w_ih.size(0) > 0,
               "lstm_fused: w_ih must be [4*hidden_size, input_size], got ", w_ih.sizes());
+  TORCH_CHECK(!w_hr.has_value() || w_hr->dim() == 2,
+              "lstm_fused: w_hr must be [proj_size, hidden_size], got ", w_hr->sizes());
   LayerSizes s;
   s.rows = x.size(0);
   s.input = x.size(1);
@@ -52,11 +53,18 @@ LayerSizes check_layer_args(const at::Tensor& x, const at::Tensor& h0,
   if (b_hh) check_param(*b_hh, x, "b_hh", {G});
   if (w_hr) check_param(*w_hr, x, "w_hr", {s.proj, s.hidden});
   TORCH_CHECK(s.batch > 0, "lstm_fused: batch size must be positive");
+  // The BLAS and the kernels index one matrix dimension with 32 bits. Checked
+  // before anything of a size taken from the arguments is allocated.
+  for (int64_t v : {s.rows, s.input, G, s.proj})
+    TORCH_CHECK(v < INT_MAX, "lstm_fused: a dimension of ", v,
+                " is too large (limit 2^31 - 1)");
 
   if (batch_sizes.has_value()) {
     const at::Tensor& bs = *batch_sizes;
     TORCH_CHECK(bs.dim() == 1 && bs.scalar_type() == at::kLong && bs.device().is_cpu(),
                 "lstm_fused: batch_sizes must be a 1-D int64 CPU tensor");
+    TORCH_CHECK(bs.numel() <= s.rows, "lstm_fused: batch_sizes has ", bs.numel(),
+                " steps but x only ", s.rows, " rows");
     const at::Tensor bc = bs.contiguous();
     s.batch_sizes.assign(bc.data_ptr<int64_t>(), bc.data_ptr<int64_t>() + bc.numel());
     s.steps = bc.numel();
@@ -78,10 +86,6 @@ LayerSizes check_layer_args(const at::Tensor& x, const at::Tensor& h0,
     s.steps = s.rows / s.batch;
     s.batch_sizes.assign(s.steps, s.batch);
   }
-  // The BLAS and the kernels index one matrix dimension with 32 bits.
-  for (int64_t v : {s.rows, s.input, G, s.proj})
-    TORCH_CHECK(v < INT_MAX, "lstm_fused: a dimension of ", v,
-                " is too large (limit 2^31 - 1)");
   return s;
 }
 
@@ -112,11 +116,4 @@ TORCH_LIBRARY(lstm_fused, m) {
       "Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, "
       "bool reverse, bool has_bias, Tensor y, Tensor gates, Tensor cells) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
-
-// An importable module, so `import lstm_fused._C` loads the library and runs
-// the registrations above; it has no Python functions of its own.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&def);
 }

@@ -1,4 +1,7 @@
 """lstm_fused.LSTM: torch.nn.LSTM with its forward run by the fused ops."""
+import importlib.abc
+import importlib.util
+import sys
 import warnings
 
 import torch
@@ -9,12 +12,56 @@ from torch.nn.utils.rnn import PackedSequence
 from . import ops
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
+_DTYPES = (torch.float32, torch.float64) + _HALF_TYPES
+
+
+# Device types the extension was built with kernels for; fixed once it is
+# loaded, so computed here (torch.compile cannot trace the dispatcher query).
+_KERNEL_DEVICES = frozenset(
+    d for d, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+    if torch._C._dispatch_has_kernel_for_dispatch_key("lstm_fused::layer_forward", key))
+
+
+def _allow_rnn_in_dynamo():
+    """torch.compile refuses every nn.LSTM subclass unless dynamo's allow_rnn
+    is set (torch.export sets it); ours is ops it can trace, so set it, once
+    dynamo is loaded: importing it here would slow `import lstm_fused` ~1.5 s."""
+    name = "torch._dynamo.config"
+    if name in sys.modules:
+        sys.modules[name].allow_rnn = True
+        return
+
+    class Hook(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname, path, target=None):
+            if fullname != name:
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            run = spec.loader.exec_module
+
+            def exec_module(module):
+                run(module)
+                module.allow_rnn = True
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, Hook())
+
+
+_allow_rnn_in_dynamo()
 
 
 def _has_kernel(device_type):
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "lstm_fused::layer_forward", key)
+    return device_type in _KERNEL_DEVICES
+
+
+def _autocast_dtype(x):
+    """The dtype float32 input runs in under autocast, as in nn.LSTM (whose
+    cuDNN and oneDNN paths cast to the autocast dtype), or None."""
+    device = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
 
 
 class LSTM(nn.LSTM):
@@ -26,8 +73,7 @@ class LSTM(nn.LSTM):
     """
 
     def forward(self, input, hx=None):  # noqa: C901  (mirrors nn.LSTM.forward)
-        self._update_flat_weights()
-        orig_input = input
+        orig_input, orig_hx = input, hx
         num_directions = 2 if self.bidirectional else 1
         real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         batch_sizes = None
@@ -35,10 +81,15 @@ class LSTM(nn.LSTM):
         batch_dim = 0 if self.batch_first else 1
         if isinstance(orig_input, PackedSequence):
             input, batch_sizes, sorted_indices, unsorted_indices = input
-            max_batch_size = int(batch_sizes[0])
-            if hx is not None:
-                self.check_forward_args(input, hx, batch_sizes)
-                hx = self.permute_hidden(hx, sorted_indices)
+            max_batch_size = batch_sizes[0]
+            if (isinstance(hx, (tuple, list)) and len(hx) == 2
+                    and all(isinstance(h, torch.Tensor) for h in hx)):
+                # nn.LSTM checks no hx here; its kernels give odd errors and, for
+                # some shapes, crash (torch 2.13: a 4-D c0). Check as for padded input.
+                self.check_hidden_size(hx[0], self.get_expected_hidden_size(input, batch_sizes),
+                                       "Expected hidden[0] size {}, got {}")
+                self.check_hidden_size(hx[1], self.get_expected_cell_size(input, batch_sizes),
+                                       "Expected hidden[1] size {}, got {}")
         else:
             if input.dim() not in (2, 3):
                 raise ValueError(
@@ -66,13 +117,16 @@ class LSTM(nn.LSTM):
                   torch.zeros(*shape, self.hidden_size, dtype=input.dtype, device=input.device))
         if batch_sizes is None:
             self.check_forward_args(input, hx, batch_sizes)
-            hx = self.permute_hidden(hx, sorted_indices)
+        if not self._fits(input, hx, batch_sizes):
+            # nn.LSTM's kernels refuse this (or, for an empty batch, return
+            # empty outputs): let it raise its own error, or return its result.
+            return super().forward(orig_input, orig_hx)
+        hx = self.permute_hidden(hx, sorted_indices)
 
-        if not _has_kernel(input.device.type):
-            warnings.warn(f"lstm_fused was built without kernels for {input.device.type}; "
-                          "running torch.nn.LSTM instead", stacklevel=2)
-            return super().forward(orig_input, hx if is_batched else
-                                   (hx[0].squeeze(1), hx[1].squeeze(1)))
+        if not _has_kernel(input.device.type) or input.dtype not in _DTYPES:
+            warnings.warn(f"lstm_fused has no kernels for {input.dtype} on "
+                          f"{input.device.type}; running torch.nn.LSTM instead", stacklevel=2)
+            return super().forward(orig_input, orig_hx)
 
         if batch_sizes is None:
             if self.batch_first:
@@ -90,10 +144,26 @@ class LSTM(nn.LSTM):
         packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
         return packed, self.permute_hidden((h_n, c_n), unsorted_indices)
 
+    def _fits(self, input, hx, batch_sizes):
+        """Whether the kernels can run what passed the Python checks: hx a
+        pair; input, hx and weights of one dtype and device; a non-empty input;
+        the input width of a PackedSequence. (The op checks batch_sizes.)"""
+        if not (isinstance(hx, (tuple, list)) and len(hx) == 2
+                and all(isinstance(h, torch.Tensor) for h in hx)
+                and isinstance(input, torch.Tensor)):
+            return False
+        if any(t.dtype != input.dtype or t.device != input.device
+               for t in (*hx, *(w for ws in self.all_weights for w in ws))):
+            return False
+        if batch_sizes is None:
+            return input.numel() > 0  # nn.LSTM: error for T = 0, empty output for B = 0
+        return input.dim() != 2 or input.size(-1) == self.input_size
+
     def _layer_weights(self, index):
         """(w_ih, w_hh, b_ih, b_hh, w_hr) of layer*directions + direction."""
-        per = len(self._flat_weights) // (self.num_layers * (2 if self.bidirectional else 1))
-        w = self._flat_weights[index * per:(index + 1) * per]
+        # Read by name, not from _flat_weights: parametrizations apply and
+        # forward caches nothing on the module (torch.export flags that).
+        w = [getattr(self, name) for name in self._all_weights[index]]
         b_ih, b_hh = (w[2], w[3]) if self.bias else (None, None)
         w_hr = w[-1] if self.proj_size > 0 else None
         return w[0], w[1], b_ih, b_hh, w_hr
@@ -101,6 +171,9 @@ class LSTM(nn.LSTM):
     def _run(self, x, hx, batch_sizes):
         """x: [rows, input_size] (steps of the batch, or packed rows)."""
         h0, c0 = hx
+        cast = _autocast_dtype(x)
+        if cast is not None:
+            x, h0, c0 = x.to(cast), h0.to(cast), c0.to(cast)
         out_dtype = x.dtype
         upcast = x.device.type == "cpu" and out_dtype in _HALF_TYPES
         if upcast:
@@ -112,6 +185,8 @@ class LSTM(nn.LSTM):
             for direction in range(directions):
                 index = layer * directions + direction
                 weights = self._layer_weights(index)
+                if cast is not None:
+                    weights = [w.to(cast) if w is not None else None for w in weights]
                 if upcast:
                     weights = [w.float() if w is not None else None for w in weights]
                 y, h, c = ops.layer(x, h0[index], c0[index], *weights,

@@ -9,6 +9,7 @@ the module uses.
 import torch
 
 from . import _C  # noqa: F401  (registers the ops)
+from . import reference
 
 _ops = torch.ops.lstm_fused
 
@@ -33,14 +34,18 @@ def _layer_backward_fake(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr
 def _setup_context(ctx, inputs, output):
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse = inputs
     y, _, _, gates, cells = output
-    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, cells)
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
+                          y, gates, cells)
     ctx.reverse = reverse
     ctx.bias = (b_ih is not None, b_hh is not None)
     ctx.mark_non_differentiable(gates, cells)
 
 
 def _backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
-    x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, cells = ctx.saved_tensors
+    *inputs, y, gates, cells = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: a double backward may follow
+        return _backward_differentiable(ctx, inputs, (grad_y, grad_h_n, grad_c_n))
+    x, h0, c0, w_ih, w_hh, _, _, w_hr, batch_sizes = inputs
     has_bias = any(ctx.bias)
     dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = _ops.layer_backward(
         grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes,
@@ -48,6 +53,22 @@ def _backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
     return (dx, dh0, dc0, dw_ih, dw_hh,
             db if ctx.bias[0] else None, db if ctx.bias[1] else None,
             dw_hr if w_hr is not None else None, None, None)
+
+
+def _backward_differentiable(ctx, inputs, grads):
+    """The gradients as a differentiable function of the inputs and of
+    `grads`: autograd through the layer recomputed in plain torch ops."""
+    wanted = [i for i, need in enumerate(ctx.needs_input_grad[:8]) if need]
+    with torch.enable_grad():
+        outputs = reference.layer(*inputs, reverse=ctx.reverse)
+    pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None]
+    found = torch.autograd.grad(
+        [o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+        create_graph=True, allow_unused=True)
+    result = [None] * 10
+    for i, g in zip(wanted, found):
+        result[i] = g
+    return tuple(result)
 
 
 torch.library.register_autograd(
