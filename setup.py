@@ -49,11 +49,18 @@ def extension():
     debug = env_flag("LSTM_FUSED_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
     cxx = opt + ["-fdiagnostics-color=always"]
+    # at::parallel_for is a header template: without OpenMP it runs serially.
+    # The OpenMP runtime is the one torch already loaded (libgomp).
+    link = []
+    if sys.platform.startswith("linux"):
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     if not want_cuda():
         print("lstm_fused: building the CPU-only extension", file=sys.stderr)
         return cpp_extension.CppExtension(
-            "lstm_fused._C", sources, extra_compile_args={"cxx": cxx})
+            "lstm_fused._C", sources, extra_compile_args={"cxx": cxx},
+            extra_link_args=link)
 
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
@@ -71,7 +78,8 @@ def extension():
         "lstm_fused._C", sources,
         include_dirs=cuda_include_dirs(),
         define_macros=[("LSTM_FUSED_CUDA", "1")],
-        extra_compile_args={"cxx": cxx + ["-DLSTM_FUSED_CUDA"], "nvcc": nvcc})
+        extra_compile_args={"cxx": cxx + ["-DLSTM_FUSED_CUDA"], "nvcc": nvcc},
+        extra_link_args=link)
 
 
 setup(
