@@ -14,8 +14,23 @@ from . import reference
 _ops = torch.ops.lstm_fused
 
 
+def _check_devices(x, tensors, batch_sizes):
+    """What the device kernels check, for the fake path too: a meta tensor
+    among CPU tensors dispatches here and must be refused, not traced."""
+    for t in tensors:
+        if t is not None:
+            torch._check(t.device == x.device, lambda: (
+                f"lstm_fused: every tensor must be on the input's device {x.device}, "
+                f"got one on {t.device}"))
+    if batch_sizes is not None and x.device.type != "meta":
+        torch._check(batch_sizes.device.type == "cpu", lambda: (
+            f"lstm_fused: batch_sizes must be a 1-D int64 CPU tensor, got device "
+            f"{batch_sizes.device}"))
+
+
 @torch.library.register_fake("lstm_fused::layer_forward")
 def _layer_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
+    _check_devices(x, (h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), batch_sizes)
     rows, hidden, proj = x.shape[0], c0.shape[1], h0.shape[1]
     return (x.new_empty(rows, proj), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
             x.new_empty(rows, 4 * hidden), x.new_empty(rows, hidden))
@@ -24,6 +39,8 @@ def _layer_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, re
 @torch.library.register_fake("lstm_fused::layer_backward")
 def _layer_backward_fake(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr,
                          batch_sizes, reverse, has_bias, y, gates, cells):
+    _check_devices(x, (grad_y, grad_h_n, grad_c_n, h0, c0, w_ih, w_hh, w_hr, y, gates, cells),
+                   batch_sizes)
     hidden = c0.shape[1]
     return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(c0),
             torch.empty_like(w_ih), torch.empty_like(w_hh),

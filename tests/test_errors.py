@@ -467,8 +467,6 @@ def test_op_backward_bad_args(name, change, msg):
         torch.ops.lstm_fused.layer_backward(**a)
 
 
-@pytest.mark.xfail(strict=True, reason="a meta tensor among CPU tensors dispatches to the fake "
-                   "implementation (lstm_fused/ops.py), which checks no devices")
 @pytest.mark.parametrize("arg", ["w_ih", "h0", "batch_sizes"])
 def test_op_mixed_devices_refused(arg):
     a = fwd_args(packed_sizes=[2, 2, 2])
