@@ -10,11 +10,8 @@ errors or computes the result.
 import torch
 from torch import nn
 
-from . import ops  # noqa: F401  (registers the ops)
+from . import ops
 from .modules import _HALF_TYPES, _has_kernel
-
-_step = torch.ops.lstm_fused.layer_forward.default
-
 
 class LSTMCell(nn.LSTMCell):
     """Drop-in replacement for :class:`torch.nn.LSTMCell`.
@@ -49,7 +46,7 @@ class LSTMCell(nn.LSTMCell):
         if upcast:
             x, h, c = x.float(), h.float(), c.float()
             weights = [w.float() if w is not None else None for w in weights]
-        _, h, c, _, _ = _step(x, h, c, *weights, None, None, False)
+        _, h, c = ops.layer(x, h, c, *weights)
         if upcast:
             h, c = h.to(input.dtype), c.to(input.dtype)
         if dim == 1:

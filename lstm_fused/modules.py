@@ -7,6 +7,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
 from . import ops
@@ -152,18 +153,27 @@ class LSTM(nn.LSTM):
                 and all(isinstance(h, torch.Tensor) for h in hx)
                 and isinstance(input, torch.Tensor)):
             return False
-        if any(t.dtype != input.dtype or t.device != input.device
-               for t in (*hx, *(w for ws in self.all_weights for w in ws))):
-            return False
+        dtype, device = input.dtype, input.device
+        for t in (*hx, *self._weights()):
+            if t is not None and (t.dtype != dtype or t.device != device):
+                return False
         if batch_sizes is None:
             return input.numel() > 0  # nn.LSTM: error for T = 0, empty output for B = 0
         return input.dim() != 2 or input.size(-1) == self.input_size
 
-    def _layer_weights(self, index):
+    def _weights(self):
+        """Every weight in nn.LSTM's flat order. nn.LSTM keeps _flat_weights
+        current when a parameter is reassigned or moved; parametrized weights
+        are computed on access, so those are read by name. Nothing is cached
+        on the module in forward (torch.export flags that)."""
+        if parametrize.is_parametrized(self):
+            return [getattr(self, name) for name in self._flat_weights_names]
+        return self._flat_weights
+
+    def _layer_weights(self, weights, index):
         """(w_ih, w_hh, b_ih, b_hh, w_hr) of layer*directions + direction."""
-        # Read by name, not from _flat_weights: parametrizations apply and
-        # forward caches nothing on the module (torch.export flags that).
-        w = [getattr(self, name) for name in self._all_weights[index]]
+        per = len(weights) // (self.num_layers * (2 if self.bidirectional else 1))
+        w = weights[index * per:(index + 1) * per]
         b_ih, b_hh = (w[2], w[3]) if self.bias else (None, None)
         w_hr = w[-1] if self.proj_size > 0 else None
         return w[0], w[1], b_ih, b_hh, w_hr
@@ -179,12 +189,13 @@ class LSTM(nn.LSTM):
         if upcast:
             x, h0, c0 = x.float(), h0.float(), c0.float()
         directions = 2 if self.bidirectional else 1
+        all_weights = self._weights()
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             outputs = []
             for direction in range(directions):
                 index = layer * directions + direction
-                weights = self._layer_weights(index)
+                weights = self._layer_weights(all_weights, index)
                 if cast is not None:
                     weights = [w.to(cast) if w is not None else None for w in weights]
                 if upcast:

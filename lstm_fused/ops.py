@@ -12,6 +12,7 @@ from . import _C  # noqa: F401  (registers the ops)
 from . import reference
 
 _ops = torch.ops.lstm_fused
+_forward = _ops.layer_forward.default
 
 
 def _check_devices(x, tensors, batch_sizes):
@@ -99,6 +100,12 @@ def layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, batch_sizes=No
     x is [rows, input_size]: T steps of the batch of h0 one after another, or,
     with `batch_sizes` (int64 CPU tensor, as in PackedSequence), packed rows.
     """
-    y, h_n, c_n, _, _ = _ops.layer_forward(
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
+    args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
+    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # Inference: straight to the device kernel, past the Python autograd
+        # wrapper (about half of a short call's host time).
+        with torch._C._AutoDispatchBelowAutograd():
+            y, h_n, c_n, _, _ = _forward(*args)
+    else:
+        y, h_n, c_n, _, _ = _forward(*args)
     return y, h_n, c_n

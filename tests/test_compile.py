@@ -58,7 +58,7 @@ def test_no_graph_breaks():
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
     targets = [str(n.target) for g in explained.graphs for n in g.graph.nodes]
-    assert targets.count("lstm_fused.layer_forward") == 4  # 2 layers, 2 directions
+    assert sum(t.startswith("lstm_fused.layer_forward") for t in targets) == 4  # 2 layers x 2 dirs
     # nn.LSTM breaks the graph unless dynamo's allow_rnn is set; importing
     # lstm_fused sets it.
     assert torch._dynamo.config.allow_rnn
