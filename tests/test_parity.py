@@ -159,3 +159,21 @@ def test_half_types_on_cpu_run_in_float32(dtype):
     out, (h, c) = ours(x.to(dtype))
     assert out.dtype == h.dtype == c.dtype == dtype
     torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05)
+
+
+def test_parametrized_and_reassigned_weights():
+    """Weights read per call: a parametrization (weight_norm) and a parameter
+    replaced after construction are both used, as in nn.LSTM."""
+    from torch import nn
+    from torch.nn.utils import parametrizations
+    dtype = torch.float64
+    ref, ours = pair(4, 5, dtype, num_layers=2)
+    for m in (ref, ours):
+        parametrizations.weight_norm(m, "weight_hh_l0")
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 2, 4, dtype=dtype)
+    compare(run(ref, x, None), run(ours, x, None), dtype)
+    w = torch.randn_like(ref.weight_ih_l1)
+    ref.weight_ih_l1 = nn.Parameter(w.clone())
+    ours.weight_ih_l1 = nn.Parameter(w.clone())
+    compare(run(ref, x, None), run(ours, x, None), dtype)
