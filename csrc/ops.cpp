@@ -2,6 +2,7 @@
 // checks shared by the CPU and CUDA implementations.
 #include "ops.h"
 
+#include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <climits>
@@ -97,6 +98,64 @@ at::Tensor check_like(const std::optional<at::Tensor>& t, at::IntArrayRef shape,
   TORCH_CHECK(t->scalar_type() == like.scalar_type() && t->device() == like.device(),
               "lstm_fused: ", name, " must have the dtype and device of the input");
   return t->contiguous();
+}
+
+namespace {
+at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
+}  // namespace
+
+ForwardCall forward_call(const LayerSizes& s, const at::Tensor& x, const at::Tensor& h0,
+                         const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                         const std::optional<at::Tensor>& b_ih,
+                         const std::optional<at::Tensor>& b_hh,
+                         const std::optional<at::Tensor>& w_hr) {
+  ForwardCall c;
+  c.x = x.contiguous();
+  c.h0 = h0.contiguous();
+  c.c0 = c0.contiguous();
+  c.w_ih = w_ih.contiguous();
+  c.w_hh = w_hh.contiguous();
+  c.b_ih = contiguous_or_undefined(b_ih);
+  c.b_hh = contiguous_or_undefined(b_hh);
+  c.w_hr = contiguous_or_undefined(w_hr);
+  c.y = x.new_empty({s.rows, s.proj});
+  c.h_n = x.new_empty({s.batch, s.proj});
+  c.c_n = x.new_empty({s.batch, s.hidden});
+  c.gates = x.new_empty({s.rows, 4 * s.hidden});
+  c.cells = x.new_empty({s.rows, s.hidden});
+  return c;
+}
+
+BackwardCall backward_call(const LayerSizes& s, const std::optional<at::Tensor>& grad_y,
+                           const std::optional<at::Tensor>& grad_h_n,
+                           const std::optional<at::Tensor>& grad_c_n, const at::Tensor& x,
+                           const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                           const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+                           bool has_bias, const at::Tensor& y, const at::Tensor& gates,
+                           const at::Tensor& cells) {
+  BackwardCall c;
+  c.x = x.contiguous();
+  c.h0 = h0.contiguous();
+  c.c0 = c0.contiguous();
+  c.w_ih = w_ih.contiguous();
+  c.w_hh = w_hh.contiguous();
+  c.w_hr = contiguous_or_undefined(w_hr);
+  c.y = check_like(y, {s.rows, s.proj}, x, "y");
+  c.gates = check_like(gates, {s.rows, 4 * s.hidden}, x, "gates");
+  c.cells = check_like(cells, {s.rows, s.hidden}, x, "cells");
+  c.dy = check_like(grad_y, {s.rows, s.proj}, x, "grad_y");
+  c.dh_n = check_like(grad_h_n, {s.batch, s.proj}, x, "grad_h_n");
+  c.dc_n = check_like(grad_c_n, {s.batch, s.hidden}, x, "grad_c_n");
+  c.dx = at::empty_like(c.x);
+  c.dh0 = at::empty_like(c.h0);
+  c.dc0 = at::empty_like(c.c0);
+  c.dw_ih = at::empty_like(c.w_ih);
+  c.dw_hh = at::empty_like(c.w_hh);
+  c.db = x.new_empty({has_bias ? 4 * s.hidden : 0});
+  c.dw_hr = c.w_hr.defined() ? at::empty_like(c.w_hr) : x.new_empty({0});
+  return c;
 }
 
 }  // namespace lstm_fused

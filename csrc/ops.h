@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <tuple>
 #include <vector>
 
 namespace lstm_fused {
@@ -28,5 +29,41 @@ LayerSizes check_layer_args(const at::Tensor& x, const at::Tensor& h0,
 // `like`; returns it contiguous, or an undefined tensor when absent.
 at::Tensor check_like(const std::optional<at::Tensor>& t, at::IntArrayRef shape,
                       const at::Tensor& like, const char* name);
+
+// A layer call after check_layer_args (and the device's own checks): the
+// arguments made contiguous and the outputs allocated. Optional arguments
+// that are absent stay undefined.
+struct ForwardCall {
+  at::Tensor x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr;
+  at::Tensor y, h_n, c_n, gates, cells;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs() const {
+    return {y, h_n, c_n, gates, cells};
+  }
+};
+ForwardCall forward_call(const LayerSizes& s, const at::Tensor& x, const at::Tensor& h0,
+                         const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                         const std::optional<at::Tensor>& b_ih,
+                         const std::optional<at::Tensor>& b_hh,
+                         const std::optional<at::Tensor>& w_hr);
+
+// The same for the backward op: incoming gradients (undefined when absent),
+// saved tensors checked against the sizes, and the gradients allocated (db
+// and dw_hr empty without bias / projection).
+struct BackwardCall {
+  at::Tensor dy, dh_n, dc_n;
+  at::Tensor x, h0, c0, w_ih, w_hh, w_hr, y, gates, cells;
+  at::Tensor dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+  outputs() const {
+    return {dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr};
+  }
+};
+BackwardCall backward_call(const LayerSizes& s, const std::optional<at::Tensor>& grad_y,
+                           const std::optional<at::Tensor>& grad_h_n,
+                           const std::optional<at::Tensor>& grad_c_n, const at::Tensor& x,
+                           const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                           const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+                           bool has_bias, const at::Tensor& y, const at::Tensor& gates,
+                           const at::Tensor& cells);
 
 }  // namespace lstm_fused

@@ -250,73 +250,48 @@ void check_cuda(const at::Tensor& x, const LayerSizes& s) {
               " is above the CUDA kernels' limit ", cuda::kMaxBatch);
 }
 
-at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward_cuda(
-    const at::Tensor& x_, const at::Tensor& h0_, const at::Tensor& c0_,
-    const at::Tensor& w_ih_, const at::Tensor& w_hh_, const std::optional<at::Tensor>& b_ih_,
-    const std::optional<at::Tensor>& b_hh_, const std::optional<at::Tensor>& w_hr_,
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
     const std::optional<at::Tensor>& batch_sizes, bool reverse) {
-  const LayerSizes s =
-      check_layer_args(x_, h0_, c0_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, batch_sizes);
-  check_cuda(x_, s);
-  const c10::cuda::CUDAGuard device(x_.device());
+  const LayerSizes s = check_layer_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes);
+  check_cuda(x, s);
+  const c10::cuda::CUDAGuard device(x.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const at::Tensor x = x_.contiguous(), h0 = h0_.contiguous(), c0 = c0_.contiguous(),
-                   w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
-  const at::Tensor b_ih = contiguous_or_undefined(b_ih_),
-                   b_hh = contiguous_or_undefined(b_hh_),
-                   w_hr = contiguous_or_undefined(w_hr_);
-  at::Tensor y = x.new_empty({s.rows, s.proj});
-  at::Tensor h_n = x.new_empty({s.batch, s.proj});
-  at::Tensor c_n = x.new_empty({s.batch, s.hidden});
-  at::Tensor gates = x.new_empty({s.rows, 4 * s.hidden});
-  at::Tensor cells = x.new_empty({s.rows, s.hidden});
+  ForwardCall c = forward_call(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
   const Layout L(s, reverse);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "lstm_fused_layer_forward_cuda", [&] {
-    run_forward<scalar_t>(L, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, h_n, c_n, gates,
-                          cells);
+    run_forward<scalar_t>(L, c.x, c.h0, c.c0, c.w_ih, c.w_hh, c.b_ih, c.b_hh, c.w_hr, c.y,
+                          c.h_n, c.c_n, c.gates, c.cells);
   });
-  return {y, h_n, c_n, gates, cells};
+  return c.outputs();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 layer_backward_cuda(const std::optional<at::Tensor>& grad_y,
                     const std::optional<at::Tensor>& grad_h_n,
-                    const std::optional<at::Tensor>& grad_c_n, const at::Tensor& x_,
-                    const at::Tensor& h0_, const at::Tensor& c0_, const at::Tensor& w_ih_,
-                    const at::Tensor& w_hh_, const std::optional<at::Tensor>& w_hr_,
+                    const std::optional<at::Tensor>& grad_c_n, const at::Tensor& x,
+                    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                    const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
                     const std::optional<at::Tensor>& batch_sizes, bool reverse, bool has_bias,
-                    const at::Tensor& y_, const at::Tensor& gates_, const at::Tensor& cells_) {
-  const LayerSizes s = check_layer_args(x_, h0_, c0_, w_ih_, w_hh_, std::nullopt,
-                                        std::nullopt, w_hr_, batch_sizes);
-  check_cuda(x_, s);
-  const c10::cuda::CUDAGuard device(x_.device());
+                    const at::Tensor& y, const at::Tensor& gates, const at::Tensor& cells) {
+  const LayerSizes s = check_layer_args(x, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt,
+                                        w_hr, batch_sizes);
+  check_cuda(x, s);
+  const c10::cuda::CUDAGuard device(x.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const at::Tensor x = x_.contiguous(), h0 = h0_.contiguous(), c0 = c0_.contiguous(),
-                   w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous(),
-                   w_hr = contiguous_or_undefined(w_hr_);
-  const at::Tensor y = check_like(y_, {s.rows, s.proj}, x, "y");
-  const at::Tensor gates = check_like(gates_, {s.rows, 4 * s.hidden}, x, "gates");
-  const at::Tensor cells = check_like(cells_, {s.rows, s.hidden}, x, "cells");
-  const at::Tensor dy = check_like(grad_y, {s.rows, s.proj}, x, "grad_y");
-  const at::Tensor dh_n = check_like(grad_h_n, {s.batch, s.proj}, x, "grad_h_n");
-  const at::Tensor dc_n = check_like(grad_c_n, {s.batch, s.hidden}, x, "grad_c_n");
-
-  at::Tensor dx = at::empty_like(x), dh0 = at::empty_like(h0), dc0 = at::empty_like(c0);
-  at::Tensor dw_ih = at::empty_like(w_ih), dw_hh = at::empty_like(w_hh);
-  at::Tensor db = x.new_empty({has_bias ? 4 * s.hidden : 0});
-  at::Tensor dw_hr = w_hr.defined() ? at::empty_like(w_hr) : x.new_empty({0});
+  BackwardCall c = backward_call(s, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh,
+                                  w_hr, has_bias, y, gates, cells);
   const Layout L(s, reverse);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "lstm_fused_layer_backward_cuda", [&] {
-    run_backward<scalar_t>(L, dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, w_hr, y, gates, cells,
-                           has_bias, dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr);
+    run_backward<scalar_t>(L, c.dy, c.dh_n, c.dc_n, c.x, c.h0, c.c0, c.w_ih, c.w_hh, c.w_hr,
+                           c.y, c.gates, c.cells, has_bias, c.dx, c.dh0, c.dc0, c.dw_ih,
+                           c.dw_hh, c.db, c.dw_hr);
   });
-  return {dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr};
+  return c.outputs();
 }
 
 }  // namespace
