@@ -110,8 +110,9 @@ ForwardCall forward_call(const LayerSizes& s, const at::Tensor& x, const at::Ten
                          const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
                          const std::optional<at::Tensor>& b_ih,
                          const std::optional<at::Tensor>& b_hh,
-                         const std::optional<at::Tensor>& w_hr) {
+                         const std::optional<at::Tensor>& w_hr, bool save) {
   ForwardCall c;
+  c.save = save;
   c.x = x.contiguous();
   c.h0 = h0.contiguous();
   c.c0 = c0.contiguous();
@@ -124,7 +125,7 @@ ForwardCall forward_call(const LayerSizes& s, const at::Tensor& x, const at::Ten
   c.h_n = x.new_empty({s.batch, s.proj});
   c.c_n = x.new_empty({s.batch, s.hidden});
   c.gates = x.new_empty({s.rows, 4 * s.hidden});
-  c.cells = x.new_empty({s.rows, s.hidden});
+  if (save) c.cells = x.new_empty({s.rows, s.hidden});
   return c;
 }
 
@@ -163,10 +164,12 @@ BackwardCall backward_call(const LayerSizes& s, const std::optional<at::Tensor>&
 TORCH_LIBRARY(lstm_fused, m) {
   // One layer, one direction, the whole (packed) sequence. x is [rows, I];
   // without batch_sizes the rows are T steps of the batch of h0.
-  // Returns y, h_n, c_n and the gate activations and cells saved for backward.
+  // Returns y, h_n, c_n and the gate activations and cells saved for backward
+  // (both with 0 rows when save is false: an inference call keeps nothing).
   m.def(
       "layer_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, "
-      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse) "
+      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse, "
+      "bool save=True) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Returns dx, dh0, dc0, dw_ih, dw_hh, db (empty without bias; the gradient
   // of b_ih and b_hh alike) and dw_hr (empty without projection).

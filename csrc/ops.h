@@ -32,19 +32,24 @@ at::Tensor check_like(const std::optional<at::Tensor>& t, at::IntArrayRef shape,
 
 // A layer call after check_layer_args (and the device's own checks): the
 // arguments made contiguous and the outputs allocated. Optional arguments
-// that are absent stay undefined.
+// that are absent stay undefined. gates [rows, 4H] is always allocated (the
+// kernels' gate buffer); cells [rows, H] only with save. Without save the op
+// returns both with 0 rows.
 struct ForwardCall {
   at::Tensor x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr;
   at::Tensor y, h_n, c_n, gates, cells;
+  bool save = true;
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs() const {
-    return {y, h_n, c_n, gates, cells};
+    if (save) return {y, h_n, c_n, gates, cells};
+    return {y, h_n, c_n, gates.new_empty({0, gates.size(1)}),
+            gates.new_empty({0, c_n.size(1)})};
   }
 };
 ForwardCall forward_call(const LayerSizes& s, const at::Tensor& x, const at::Tensor& h0,
                          const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
                          const std::optional<at::Tensor>& b_ih,
                          const std::optional<at::Tensor>& b_hh,
-                         const std::optional<at::Tensor>& w_hr);
+                         const std::optional<at::Tensor>& w_hr, bool save);
 
 // The same for the backward op: incoming gradients (undefined when absent),
 // saved tensors checked against the sizes, and the gradients allocated (db

@@ -30,11 +30,13 @@ def _check_devices(x, tensors, batch_sizes):
 
 
 @torch.library.register_fake("lstm_fused::layer_forward")
-def _layer_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
+def _layer_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
+                        save=True):
     _check_devices(x, (h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), batch_sizes)
     rows, hidden, proj = x.shape[0], c0.shape[1], h0.shape[1]
+    kept = rows if save else 0  # what is saved for backward
     return (x.new_empty(rows, proj), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
-            x.new_empty(rows, 4 * hidden), x.new_empty(rows, hidden))
+            x.new_empty(kept, 4 * hidden), x.new_empty(kept, hidden))
 
 
 @torch.library.register_fake("lstm_fused::layer_backward")
@@ -50,7 +52,7 @@ def _layer_backward_fake(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr
 
 
 def _setup_context(ctx, inputs, output):
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse = inputs
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, *_ = inputs
     y, _, _, gates, cells = output
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
                           y, gates, cells)
@@ -70,7 +72,7 @@ def _backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
         ctx.reverse, has_bias, y, gates, cells)
     return (dx, dh0, dc0, dw_ih, dw_hh,
             db if ctx.bias[0] else None, db if ctx.bias[1] else None,
-            dw_hr if w_hr is not None else None, None, None)
+            dw_hr if w_hr is not None else None, None, None, None)
 
 
 def _backward_differentiable(ctx, inputs, grads):
@@ -83,7 +85,7 @@ def _backward_differentiable(ctx, inputs, grads):
     found = torch.autograd.grad(
         [o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
         create_graph=True, allow_unused=True)
-    result = [None] * 10
+    result = [None] * 11
     for i, g in zip(wanted, found):
         result[i] = g
     return tuple(result)
@@ -100,12 +102,17 @@ def layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, batch_sizes=No
     x is [rows, input_size]: T steps of the batch of h0 one after another, or,
     with `batch_sizes` (int64 CPU tensor, as in PackedSequence), packed rows.
     """
-    args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
-    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        # Inference: straight to the device kernel, past the Python autograd
-        # wrapper (about half of a short call's host time).
-        with torch._C._AutoDispatchBelowAutograd():
+    if not torch.is_grad_enabled():
+        # Inference keeps nothing for backward.
+        args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, False)
+        if torch.compiler.is_compiling():
             y, h_n, c_n, _, _ = _forward(*args)
+        else:
+            # Straight to the device kernel, past the Python autograd wrapper
+            # (about half of a short call's host time).
+            with torch._C._AutoDispatchBelowAutograd():
+                y, h_n, c_n, _, _ = _forward(*args)
     else:
-        y, h_n, c_n, _, _ = _forward(*args)
+        y, h_n, c_n, _, _ = _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
+                                     reverse)
     return y, h_n, c_n

@@ -9,7 +9,7 @@ namespace lstm_fused {
 namespace {
 
 template <typename T>
-const T* ptr_or_null(const at::Tensor& t) {
+T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
@@ -28,10 +28,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
     const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
     const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
-    const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+    const std::optional<at::Tensor>& batch_sizes, bool reverse, bool save) {
   const LayerSizes s = check_layer_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes);
   check_cpu_dtype(x);
-  const ForwardCall c = forward_call(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+  const ForwardCall c = forward_call(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, save);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_fused_layer_forward", [&] {
     cpu::ForwardArgs<scalar_t> a{
         c.x.data_ptr<scalar_t>(),      c.h0.data_ptr<scalar_t>(),
@@ -40,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
         ptr_or_null<scalar_t>(c.b_hh), ptr_or_null<scalar_t>(c.w_hr),
         c.y.data_ptr<scalar_t>(),      c.h_n.data_ptr<scalar_t>(),
         c.c_n.data_ptr<scalar_t>(),    c.gates.data_ptr<scalar_t>(),
-        c.cells.data_ptr<scalar_t>()};
+        ptr_or_null<scalar_t>(c.cells)};
     cpu::layer_forward<scalar_t>(dims_of(s, reverse), a);
   });
   return c.outputs();

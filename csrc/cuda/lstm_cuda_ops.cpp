@@ -254,12 +254,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
     const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
     const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
-    const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+    const std::optional<at::Tensor>& batch_sizes, bool reverse, bool save) {
   const LayerSizes s = check_layer_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes);
   check_cuda(x, s);
   const c10::cuda::CUDAGuard device(x.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  ForwardCall c = forward_call(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+  ForwardCall c = forward_call(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, save);
+  if (!c.cells.defined()) c.cells = x.new_empty({s.rows, s.hidden});  // the kernels' workspace
   const Layout L(s, reverse);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "lstm_fused_layer_forward_cuda", [&] {

@@ -17,7 +17,7 @@ using torch::Tensor;
 using Opt = std::optional<Tensor>;
 using Forward = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Opt&,
-    const Opt&, const Opt&, const Opt&, bool);
+    const Opt&, const Opt&, const Opt&, bool, bool);
 using Backward = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Opt&, const Opt&, const Opt&, const Tensor&, const Tensor&, const Tensor&,
     const Tensor&, const Tensor&, const Opt&, const Opt&, bool, bool, const Tensor&,
@@ -121,7 +121,7 @@ void run_case(const Case& c) {
       auto [y, h, cn, gates, cells] =
           fwd.call(x, h0[k].detach(), c0[k].detach(), *param(lstm, "weight_ih", l, rev),
                    *param(lstm, "weight_hh", l, rev), param(lstm, "bias_ih", l, rev),
-                   param(lstm, "bias_hh", l, rev), param(lstm, "weight_hr", l, rev), bs, rev);
+                   param(lstm, "bias_hh", l, rev), param(lstm, "weight_hr", l, rev), bs, rev, true);
       saved[k] = {x, y, gates, cells};
       ys.push_back(y);
       h_n.push_back(h);
@@ -187,17 +187,17 @@ void run_errors() {
   const auto f64 = torch::TensorOptions().dtype(torch::kDouble);
   const Tensor x = torch::randn({6, 3}, f64), h = torch::zeros({2, 4}, f64);
   const Tensor w_ih = torch::randn({16, 3}, f64), w_hh = torch::randn({16, 4}, f64);
-  expect_error([&] { fwd.call(x[0], h, h, w_ih, w_hh, {}, {}, {}, {}, false); },
+  expect_error([&] { fwd.call(x[0], h, h, w_ih, w_hh, {}, {}, {}, {}, false, true); },
                "x must be 2-D", "1-D x");
-  expect_error([&] { fwd.call(x, h, h, w_ih.t(), w_hh, {}, {}, {}, {}, false); }, "w_ih",
+  expect_error([&] { fwd.call(x, h, h, w_ih.t(), w_hh, {}, {}, {}, {}, false, true); }, "w_ih",
                "transposed w_ih");
-  expect_error([&] { fwd.call(x.to(torch::kFloat), h, h, w_ih, w_hh, {}, {}, {}, {}, false); },
+  expect_error([&] { fwd.call(x.to(torch::kFloat), h, h, w_ih, w_hh, {}, {}, {}, {}, false, true); },
                "dtype", "mixed dtypes");
   expect_error(
-      [&] { fwd.call(x, h, h, w_ih, w_hh, {}, {}, {}, torch::tensor({2, 2, 3}), false); },
+      [&] { fwd.call(x, h, h, w_ih, w_hh, {}, {}, {}, torch::tensor({2, 2, 3}), false, true); },
       "non-increasing", "increasing batch_sizes");
   expect_error(
-      [&] { fwd.call(x.narrow(0, 0, 5), h, h, w_ih, w_hh, {}, {}, {}, {}, false); },
+      [&] { fwd.call(x.narrow(0, 0, 5), h, h, w_ih, w_hh, {}, {}, {}, {}, false, true); },
       "multiple", "rows not a multiple of the batch");
 }
 

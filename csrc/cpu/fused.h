@@ -1,0 +1,60 @@
+// The fused CPU kernels for processors with AVX2 + FMA (fused_avx2.cpp):
+// one parallel region per layer call, in which the threads pack the weights
+// into panels, run the input projection as one GEMM, then walk the steps with
+// one barrier per step (two with a projection). Each thread owns a fixed
+// range of hidden units: per step it computes its units' four gate columns of
+// h_{t-1} W_hh^T with a 6x16 register-tiled microkernel (6x8 for double),
+// straight into the gate rows, and applies the cell (lstm_cell.h) to them
+// while they are in L1. Batch 1 reads W_hh in place (dot products) instead of
+// packing it. Backward mirrors it; its weight gradients are left to the BLAS.
+//
+// The caller allocates every buffer (sizes below); nothing here allocates.
+#pragma once
+
+#include <cstdint>
+
+#include "lstm_cpu.h"
+
+namespace lstm_fused::cpu {
+
+// True when this processor can run the fused kernels for T (lstm_cpu.cpp:
+// AVX2 and FMA, and for double PyTorch's SLEEF exp/tanh). Every function
+// below may be called only when it is.
+template <typename T>
+bool fused_available();
+bool fused_double_math();  // the SLEEF routines double uses are there
+
+// Buffer sizes, in elements of T, for a layer call (proj: w_hr given) on at
+// most `threads` threads.
+struct FusedSizes {
+  int64_t forward;   // forward workspace
+  int64_t backward;  // backward workspace
+};
+template <typename T>
+FusedSizes fused_sizes(const LayerDims& d, bool proj, int threads);
+
+// Forward over the whole sequence. step_offsets[t] is the first row of step
+// t. a.cells may be null (inference: neither cells nor activations are kept;
+// a.gates is then a workspace). a.c_n must hold c0 on entry (the running
+// cell state). y gets h of every step; h_n is left to the caller.
+template <typename T>
+void fused_forward(const LayerDims& d, const int64_t* step_offsets, const ForwardArgs<T>& a,
+                   T* work, int threads);
+
+// The backward recurrence: fills dgates [N, 4H] (the gate pre-activation
+// gradients of every step), a.dh0, a.dc0, a.db (if not null) and, with a
+// projection, dh_all [N, P] (dh of every step). The weight gradients and dx
+// are GEMMs over dgates that the caller runs afterwards.
+template <typename T>
+void fused_backward(const LayerDims& d, const int64_t* step_offsets, const BackwardArgs<T>& a,
+                    T* dgates, T* dh_all, T* work, int threads);
+
+// out[r, :H] = o * tanh(c) of rows [0, N) from the saved activations and cells
+// (h before the projection, for dW_hr).
+template <typename T>
+void fused_hidden(const T* gates, const T* cells, int64_t N, int64_t H, T* out);
+
+// How many threads a layer call is worth (1 for tiny layers), at most `max`.
+int fused_threads(const LayerDims& d, int max);
+
+}  // namespace lstm_fused::cpu

@@ -1,0 +1,124 @@
+"""The CPU kernel paths at sizes that cross their tiles: register tiles of 6
+rows and 16 units (8 for float64), row blocks of 96, K blocks of 256, batch 1
+(W read in place), one-step calls (batch in vector lanes), two threads, the
+inference path that keeps nothing for backward, and the generic (BLAS) path
+that processors without AVX2 take."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import compare, pair, run, run_packed
+
+F32, F64 = torch.float32, torch.float64
+
+# (T, B, I, H, extra): every case does enough work per step for two threads.
+SHAPES = [
+    (7, 13, 37, 45, {}),                       # partial unit chunk, tiles 5+4+4
+    (3, 1, 300, 70, {"bidirectional": True}),  # batch 1: dot products, K tail
+    (1, 64, 50, 40, {}),                       # one step, 4 batch panels
+    (1, 19, 33, 24, {"proj_size": 7, "bidirectional": True}),  # one step, projection
+    (4, 33, 290, 100, {"num_layers": 2}),      # K blocks of 256 and a tail
+    (2, 97, 20, 16, {}),                       # two row blocks of 96 rows
+    (5, 8, 16, 130, {"proj_size": 33, "bias": False}),
+]
+
+
+def _hx(ours, B, dtype):
+    D = 2 if ours.bidirectional else 1
+    P = ours.proj_size or ours.hidden_size
+    return (torch.randn(ours.num_layers * D, B, P, dtype=dtype),
+            torch.randn(ours.num_layers * D, B, ours.hidden_size, dtype=dtype))
+
+
+@pytest.fixture
+def two_threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}B{}I{}H{}".format(*s[:4]))
+def test_tiles_match_nn(shape, dtype, two_threads):
+    T, B, I, H, kw = shape
+    ref, ours = pair(I, H, dtype, **kw)
+    x = torch.randn(T, B, I, dtype=dtype)
+    hx = _hx(ours, B, dtype)
+    compare(run(ref, x, hx), run(ours, x, hx), dtype)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=str)
+def test_packed_tiles_match_nn(dtype, two_threads):
+    ref, ours = pair(50, 100, dtype, bidirectional=True, proj_size=21)
+    x = torch.randn(9, 33, 50, dtype=dtype)
+    lengths = torch.randint(1, 10, (33,), generator=torch.Generator().manual_seed(3))
+    lengths[5] = 9
+    hx = _hx(ours, 33, dtype)
+    compare(run_packed(ref, x, lengths, hx), run_packed(ours, x, lengths, hx), dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}B{}I{}H{}".format(*s[:4]))
+def test_inference_matches_nn(shape, two_threads):
+    T, B, I, H, kw = shape
+    ref, ours = pair(I, H, F64, **kw)
+    x = torch.randn(T, B, I, dtype=F64)
+    with torch.no_grad():
+        expected, (eh, ec) = ref(x)
+        out, (h, c) = ours(x)
+    compare([expected, eh, ec], [out, h, c], F64)
+
+
+@pytest.mark.parametrize("T,B", [(7, 13), (3, 1), (1, 64)])
+def test_inference_op_keeps_nothing(T, B, two_threads):
+    """save=False: the same outputs, and no activations or cells kept."""
+    I, H = 30, 40
+    g = torch.Generator().manual_seed(0)
+    x, h0, c0 = (torch.randn(n, k, generator=g, dtype=F64) for n, k in
+                 ((T * B, I), (B, H), (B, H)))
+    w_ih, w_hh = torch.randn(4 * H, I, dtype=F64) * 0.2, torch.randn(4 * H, H, dtype=F64) * 0.2
+    b = torch.randn(4 * H, dtype=F64)
+    args = (x, h0, c0, w_ih, w_hh, b, b, None, None, False)
+    full = torch.ops.lstm_fused.layer_forward(*args)
+    lean = torch.ops.lstm_fused.layer_forward(*args, False)
+    for u, v in zip(full[:3], lean[:3]):
+        assert torch.equal(u, v)
+    assert full[3].shape == (T * B, 4 * H) and full[4].shape == (T * B, H)
+    assert lean[3].shape == (0, 4 * H) and lean[4].shape == (0, H)
+    torch.library.opcheck(torch.ops.lstm_fused.layer_forward, (*args, False))
+
+
+def test_forward_bitwise_equal_across_thread_counts():
+    """Each output of the fused forward is summed by one thread in a fixed
+    order, so the thread count does not change a bit."""
+    ref, ours = pair(96, 80, F32, num_layers=2, bidirectional=True)
+    x = torch.randn(12, 30, 96)
+    results = []
+    n = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                out, (h, c) = ours(x)
+            results.append((out, h, c))
+    finally:
+        torch.set_num_threads(n)
+    for u, v in zip(*results):
+        assert torch.equal(u, v)
+
+
+@pytest.mark.skipif(os.environ.get("LSTM_FUSED_CPU_GENERIC") == "1", reason="already generic")
+def test_generic_path():
+    """The BLAS path, as on a processor without AVX2: this file and the
+    parity suite in a process with LSTM_FUSED_CPU_GENERIC=1."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, LSTM_FUSED_CPU_GENERIC="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+           os.path.join(here, "test_kernels.py"), os.path.join(here, "test_parity.py"),
+           "-k", "not generic_path and not random_grid"]
+    proc = subprocess.run(cmd, cwd=here, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout
