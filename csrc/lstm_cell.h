@@ -12,16 +12,24 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define LSTM_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define LSTM_HD __attribute__((always_inline)) inline  // vector types pass by register
 #else
 #define LSTM_HD inline
 #endif
 
 namespace lstm_fused {
 
+// 1 / x; vector types may overload it with a cheaper approximation.
+template <typename T>
+LSTM_HD T reciprocal(T x) {
+  return T(1) / x;
+}
+
 template <typename T>
 LSTM_HD T sigmoid(T x) {
   using std::exp;
-  return T(1) / (T(1) + exp(-x));
+  return reciprocal(T(1) + exp(-x));
 }
 
 template <typename T>

@@ -6,7 +6,8 @@
 // h_{t-1} W_hh^T with a 6x16 register-tiled microkernel (6x8 for double),
 // straight into the gate rows, and applies the cell (lstm_cell.h) to them
 // while they are in L1. Batch 1 reads W_hh in place (dot products) instead of
-// packing it. Backward mirrors it; its weight gradients are left to the BLAS.
+// packing it. Backward mirrors it, then runs dx and the weight gradients as
+// GEMMs over all steps in the same parallel region.
 //
 // The caller allocates every buffer (sizes below); nothing here allocates.
 #pragma once
@@ -41,10 +42,10 @@ template <typename T>
 void fused_forward(const LayerDims& d, const int64_t* step_offsets, const ForwardArgs<T>& a,
                    T* work, int threads);
 
-// The backward recurrence: fills dgates [N, 4H] (the gate pre-activation
+// Backward: the recurrence fills dgates [N, 4H] (the gate pre-activation
 // gradients of every step), a.dh0, a.dc0, a.db (if not null) and, with a
-// projection, dh_all [N, P] (dh of every step). The weight gradients and dx
-// are GEMMs over dgates that the caller runs afterwards.
+// projection, dh_all [N, P] (dh of every step); then dx, dW_ih and dW_hh are
+// GEMMs over dgates. dW_hr is left to the caller.
 template <typename T>
 void fused_backward(const LayerDims& d, const int64_t* step_offsets, const BackwardArgs<T>& a,
                     T* dgates, T* dh_all, T* work, int threads);

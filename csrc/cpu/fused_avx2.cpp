@@ -152,6 +152,64 @@ inline void gemm_rows(int64_t b0, int64_t b1, int64_t K, const T* A, int64_t lda
   }
 }
 
+// The same for A stored transposed: the rows [b0, b1) of A = At^T, At [K, .]
+// with row stride ldat.
+template <typename T>
+void pack_a_t(int64_t b0, int64_t b1, const T* At, int64_t ldat, int64_t k0, int64_t kc,
+              T* out) {
+  for (int64_t b = b0; b < b1;) {
+    const int mr = tile_rows(b1 - b);
+    for (int64_t k = 0; k < kc; ++k) {
+      const T* src = At + (k0 + k) * ldat + b;
+      for (int r = 0; r < mr; ++r) out[k * mr + r] = src[r];
+    }
+    out += mr * kc;
+    b += mr;
+  }
+}
+
+// Row and K blocks of the big GEMMs: a packed block of A (per thread) stays
+// in L2 while each panel's K block passes through L1.
+constexpr int64_t kMC = 96, kKC = 256;
+
+// Where the columns of one B panel go: C (row stride ldc), how many of the
+// panel's columns are real, and a bias row for them (or null).
+template <typename T>
+struct PanelOut {
+  T* c;
+  int64_t ldc, ncols;
+  const T* bias;
+};
+
+// C = A B for M rows, one thread's share: row blocks of kMC round-robin over
+// the team, K in blocks of kKC. B is np packed panels [K, NR]; out(p) says
+// where panel p's columns go; pack(m0, m1, k0, kc, buf) packs A's block.
+// The first K block stores (adding the bias, if any), the others add.
+template <class V, class PackA, class Out, typename T = typename V::scalar>
+void gemm_blocks(int nt, int tid, int64_t M, int64_t K, const PackA& pack, const T* panels,
+                 int64_t np, const Out& out, T* ablk) {
+  constexpr int NR = 2 * V::width;
+  for (int64_t blk = tid; blk * kMC < M; blk += nt) {
+    const int64_t m0 = blk * kMC, m1 = imin(M, m0 + kMC);
+    for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kKC) {
+      const int64_t kc = imin(kKC, K - k0);
+      pack(m0, m1, k0, kc, ablk);
+      for (int64_t p = 0; p < np; ++p) {
+        const PanelOut<T> o = out(p);
+        const Mode mode = k0 > 0 ? kAdd : o.bias ? kBias : kStore;
+        const T* bp = panels + p * K * NR + k0 * NR;
+        const T* ap = ablk;
+        for (int64_t b = m0; b < m1;) {
+          const int mr = tile_rows(m1 - b);
+          tile_mr<V>(mr, kc, ap, 0, bp, NR, o.c + b * o.ldc, o.ldc, o.ncols, mode, o.bias);
+          ap += mr * kc;
+          b += mr;
+        }
+      }
+    }
+  }
+}
+
 // --------------------------------------------------------- batch-1 kernel
 //
 // out[j] += dot(a[0, K), w[j * K, ...)) for the `count` <= width rows j of w
@@ -205,6 +263,19 @@ void pack_rows_panel(const T* w, int64_t N, int64_t K, int64_t c, T* out) {
     for (int64_t k = 0; k < K; ++k) out[k * NR + j] = j < count ? w[(j0 + j) * K + k] : T(0);
 }
 
+// Column panel c of a row-major matrix m [K, N]: out[k*NR + j] = m[k*N +
+// c*NR + j], zero past N (W_hh as the B operand of dh = dgates W_hh).
+template <typename T, int NR>
+void pack_cols_panel(const T* m, int64_t K, int64_t N, int64_t c, T* out) {
+  const int64_t j0 = c * NR, count = imin(NR, N - j0);
+  for (int64_t k = 0; k < K; ++k) {
+    const T* row = m + k * N + j0;
+    T* o = out + k * NR;
+    for (int64_t j = 0; j < count; ++j) o[j] = row[j];
+    for (int64_t j = count; j < NR; ++j) o[j] = T(0);
+  }
+}
+
 // ------------------------------------------------------------------- cell
 //
 // The cell on rows [b0, b1) of a step for the units of chunk c (u0 = c*NR,
@@ -214,32 +285,25 @@ void pack_rows_panel(const T* w, int64_t N, int64_t K, int64_t c, T* out) {
 template <class V, typename T = typename V::scalar>
 LF_INLINE void cell_forward_rows(int64_t b0, int64_t b1, int64_t u0, int64_t nc, int64_t H,
                                  T* g, T* c_run, T* cells, T* h_out, int64_t ldh) {
-  constexpr int W = V::width;
+  using C = avx2::X2<V>;  // a chunk of units: nc <= 2 vectors
   const int64_t G = 4 * H;
   for (int64_t b = b0; b < b1; ++b) {
     T* gb = g + b * G + u0;
-    for (int64_t j = 0; j < nc; j += W) {
-      const int64_t n = nc - j;
-      V i = V::load(gb + j, n), f = V::load(gb + H + j, n), gg = V::load(gb + 2 * H + j, n),
-        o = V::load(gb + 3 * H + j, n), c, h;
-      T* cr = c_run + b * H + u0 + j;
-      cell_forward(i, f, gg, o, V::load(cr, n), c, h);
-      c.store(cr, n);
-      h.store(h_out + b * ldh + u0 + j, n);
-      if (cells != nullptr) {
-        c.store(cells + b * H + u0 + j, n);
-        i.store(gb + j, n);
-        f.store(gb + H + j, n);
-        gg.store(gb + 2 * H + j, n);
-        o.store(gb + 3 * H + j, n);
-      }
+    C i = C::load(gb, nc), f = C::load(gb + H, nc), gg = C::load(gb + 2 * H, nc),
+      o = C::load(gb + 3 * H, nc), c, h;
+    T* cr = c_run + b * H + u0;
+    cell_forward(i, f, gg, o, C::load(cr, nc), c, h);
+    c.store(cr, nc);
+    h.store(h_out + b * ldh + u0, nc);
+    if (cells != nullptr) {
+      c.store(cells + b * H + u0, nc);
+      i.store(gb, nc);
+      f.store(gb + H, nc);
+      gg.store(gb + 2 * H, nc);
+      o.store(gb + 3 * H, nc);
     }
   }
 }
-
-// Row and K blocks of the input projection: a block of x (packed, per
-// thread) stays in L2 while every panel's K block passes through L1.
-constexpr int64_t kMC = 96, kKC = 256;
 
 // Where the forward workspace's parts start (elements) and its size.
 struct ForwardLayout {
@@ -318,26 +382,14 @@ struct Forward {
       }
       return;
     }
-    T* ablk = apack + tid * kMC * kKC;
-    for (int64_t blk = tid; blk * kMC < N; blk += nt) {
-      const int64_t r0 = blk * kMC, r1 = imin(N, r0 + kMC);
-      for (int64_t k0 = 0; k0 < I || k0 == 0; k0 += kKC) {
-        const int64_t kc = imin(kKC, I - k0);
-        pack_a(r0, r1, a.x, I, k0, kc, ablk);
-        for (int64_t p = 0; p < chunks * 4; ++p) {
-          const int64_t c = p / 4, q = p % 4, col = q * H + c * NR;
-          const T* panel = pih + p * I * NR + k0 * NR;
-          const T* ap = ablk;
-          for (int64_t b = r0; b < r1;) {
-            const int mr = tile_rows(r1 - b);
-            tile_mr<V>(mr, kc, ap, 0, panel, NR, a.gates + b * G + col, G,
-                       imin(NR, H - c * NR), k0 == 0 ? kBias : kAdd, bias + col);
-            ap += mr * kc;
-            b += mr;
-          }
-        }
-      }
-    }
+    const auto pack = [&](int64_t m0, int64_t m1, int64_t k0, int64_t kc, T* buf) {
+      pack_a(m0, m1, a.x, I, k0, kc, buf);
+    };
+    const auto out = [&](int64_t p) {
+      const int64_t c = p / 4, q = p % 4, col = q * H + c * NR;
+      return PanelOut<T>{a.gates + col, G, imin(NR, H - c * NR), bias + col};
+    };
+    gemm_blocks<V>(nt, tid, N, I, pack, pih, chunks * 4, out, apack + tid * kMC * kKC);
   }
 
   // gates rows [b0, b1) of this step += h_prev W_hh^T for chunk c, then the
@@ -521,55 +573,115 @@ struct Backward {
   const LayerDims& d;
   const int64_t* off;
   const BackwardArgs<T>& a;
-  T *dgates, *dh_all, *dhp;
-  int64_t B, H, P, G, chunks, pchunks;
+  T *dgates, *dh_all, *dhp, *phh, *pwih, *pxh, *apack;
+  int64_t N, B, I, H, P, G, chunks, pchunks, ichunks;
   bool proj;
 
+  // Workspace: dh before the projection [B, H]; panels of W_hh's columns
+  // (for dh), of W_ih's (for dx), of x's and h_{t-1}'s over all rows (for
+  // dW_ih, dW_hh); a block of A per thread.
+  static int64_t size(const LayerDims& d, bool proj, int threads) {
+    const int64_t G = 4 * d.hidden, pc = cdiv(d.proj, NR), ic = cdiv(d.input, NR);
+    return (proj ? d.batch * d.hidden : 0) + pc * G * NR + ic * G * NR +
+           (ic + pc) * d.rows * NR + threads * kMC * kKC;
+  }
   Backward(const LayerDims& d_, const int64_t* off_, const BackwardArgs<T>& a_, T* dg, T* dha,
-           T* work)
-      : d(d_), off(off_), a(a_), dgates(dg), dh_all(dha), dhp(work) {
-    B = d.batch, H = d.hidden, P = d.proj, G = 4 * H;
+           T* work, int threads)
+      : d(d_), off(off_), a(a_), dgates(dg), dh_all(dha) {
+    N = d.rows, B = d.batch, I = d.input, H = d.hidden, P = d.proj, G = 4 * H;
     chunks = cdiv(H, NR);
     pchunks = cdiv(P, NR);
+    ichunks = cdiv(I, NR);
     proj = a.w_hr != nullptr;
+    dhp = work;
+    phh = dhp + (proj ? B * H : 0);
+    pwih = phh + pchunks * G * NR;
+    pxh = pwih + ichunks * G * NR;
+    apack = pxh + (ichunks + pchunks) * N * NR;
+    (void)threads;
+  }
+
+  // Columns [c*NR, +NR) of h_{t-1} for every row (y of the step before, or
+  // h0 where a row starts) as a panel [N, NR].
+  void pack_h_prev_panel(int64_t c, T* out) const {
+    const int64_t j0 = c * NR, count = imin(NR, P - j0);
+    for (int64_t k = 0; k < d.steps; ++k) {
+      const int64_t t = step_at(k), n = d.batch_sizes[t], r0 = off[t];
+      const int64_t tp = k > 0 ? step_at(k - 1) : -1;
+      const int64_t n_prev = tp >= 0 ? imin(n, d.batch_sizes[tp]) : 0;
+      for (int64_t b = 0; b < n; ++b) {
+        const T* src = (b < n_prev ? a.y + (off[tp] + b) * P : a.h0 + b * P) + j0;
+        T* o = out + (r0 + b) * NR;
+        for (int64_t j = 0; j < count; ++j) o[j] = src[j];
+        for (int64_t j = count; j < NR; ++j) o[j] = T(0);
+      }
+    }
+  }
+
+  // After the recurrence: dx = dgates W_ih and [dW_ih | dW_hh] = dgates^T
+  // [x | h_{t-1}], big GEMMs over all rows.
+  void weight_gradients(int nt, int tid) {
+    const int64_t ic = ichunks;
+    for (int64_t p = tid; p < 2 * ic + pchunks; p += nt) {
+      if (p < ic) pack_cols_panel<T, NR>(a.w_ih, G, I, p, pwih + p * G * NR);
+      else if (p < 2 * ic) pack_cols_panel<T, NR>(a.x, N, I, p - ic, pxh + (p - ic) * N * NR);
+      else pack_h_prev_panel(p - 2 * ic, pxh + (p - ic) * N * NR);
+    }
+#pragma omp barrier
+    T* ablk = apack + tid * kMC * kKC;
+    const auto rows = [&](int64_t m0, int64_t m1, int64_t k0, int64_t kc, T* buf) {
+      pack_a(m0, m1, dgates, G, k0, kc, buf);
+    };
+    const auto dx = [&](int64_t p) {
+      return PanelOut<T>{a.dx + p * NR, I, imin(NR, I - p * NR), nullptr};
+    };
+    gemm_blocks<V>(nt, tid, N, G, rows, pwih, ic, dx, ablk);
+    const auto cols = [&](int64_t m0, int64_t m1, int64_t k0, int64_t kc, T* buf) {
+      pack_a_t(m0, m1, dgates, G, k0, kc, buf);
+    };
+    const auto dw = [&](int64_t p) {
+      if (p < ic) return PanelOut<T>{a.dw_ih + p * NR, I, imin(NR, I - p * NR), nullptr};
+      const int64_t c = p - ic;
+      return PanelOut<T>{a.dw_hh + c * NR, P, imin(NR, P - c * NR), nullptr};
+    };
+    gemm_blocks<V>(nt, tid, G, N, cols, pxh, ic + pchunks, dw, ablk);
   }
   int64_t step_at(int64_t k) const { return d.reverse ? d.steps - 1 - k : k; }
 
   // Cell backward on rows [b0, b1) for chunk c; c_prev row b at cp + b*H.
   void cell_rows(int64_t b0, int64_t b1, int64_t c, int64_t r0, const T* cp, const T* dhv,
                  int64_t lddh) {
-    constexpr int W = V::width;
-    const int64_t u0 = c * NR, nc = imin(NR, H - u0);
+    using C = avx2::X2<V>;  // the chunk's units
+    const int64_t u = c * NR, n = imin(NR, H - u);
     for (int64_t b = b0; b < b1; ++b) {
-      const T* g = a.gates + (r0 + b) * G + u0;
-      T* dg = dgates + (r0 + b) * G + u0;
-      for (int64_t j = 0; j < nc; j += W) {
-        const int64_t n = nc - j;
-        const int64_t u = u0 + j;
-        T* dc = a.dc0 + b * H + u;
-        V di, df, dgg, dout, dcp;
-        cell_backward(V::load(g + j, n), V::load(g + H + j, n), V::load(g + 2 * H + j, n),
-                      V::load(g + 3 * H + j, n), V::load(a.cells + (r0 + b) * H + u, n),
-                      V::load(cp + b * H + u, n), V::load(dhv + b * lddh + u, n),
-                      V::load(dc, n), di, df, dgg, dout, dcp);
-        di.store(dg + j, n);
-        df.store(dg + H + j, n);
-        dgg.store(dg + 2 * H + j, n);
-        dout.store(dg + 3 * H + j, n);
-        dcp.store(dc, n);
-        if (a.db != nullptr) {
-          T* db = a.db + u;
-          (V::load(db, n) + di).store(db, n);
-          (V::load(db + H, n) + df).store(db + H, n);
-          (V::load(db + 2 * H, n) + dgg).store(db + 2 * H, n);
-          (V::load(db + 3 * H, n) + dout).store(db + 3 * H, n);
-        }
+      const T* g = a.gates + (r0 + b) * G + u;
+      T* dg = dgates + (r0 + b) * G + u;
+      T* dc = a.dc0 + b * H + u;
+      C di, df, dgg, dout, dcp;
+      cell_backward(C::load(g, n), C::load(g + H, n), C::load(g + 2 * H, n),
+                    C::load(g + 3 * H, n), C::load(a.cells + (r0 + b) * H + u, n),
+                    C::load(cp + b * H + u, n), C::load(dhv + b * lddh + u, n), C::load(dc, n),
+                    di, df, dgg, dout, dcp);
+      di.store(dg, n);
+      df.store(dg + H, n);
+      dgg.store(dg + 2 * H, n);
+      dout.store(dg + 3 * H, n);
+      dcp.store(dc, n);
+      if (a.db != nullptr) {
+        T* db = a.db + u;
+        (C::load(db, n) + di).store(db, n);
+        (C::load(db + H, n) + df).store(db + H, n);
+        (C::load(db + 2 * H, n) + dgg).store(db + 2 * H, n);
+        (C::load(db + 3 * H, n) + dout).store(db + 3 * H, n);
       }
     }
   }
 
   void run(int nt, int tid) {
     const Range mine = split(chunks, nt, tid), pmine = split(pchunks, nt, tid);
+    // Each thread packs the panels of the dh columns it computes.
+    for (int64_t c = pmine.begin; c < pmine.end; ++c)
+      pack_cols_panel<T, NR>(a.w_hh, G, P, c, phh + c * G * NR);
     // Running gradients: dh0 holds dh, dc0 holds dc; each thread its columns.
     T* dh = a.dh0;
     for (int64_t c = pmine.begin; c < pmine.end; ++c) {
@@ -617,11 +729,13 @@ struct Backward {
         if (n_prev < n) cell_rows(n_prev, n, c, r0, a.c0, dhv, lddh);
       }
 #pragma omp barrier
-      // dh_{t-1} = dgates_t W_hh for the active rows (W_hh read in place).
+      // dh_{t-1} = dgates_t W_hh for the active rows.
       for (int64_t c = pmine.begin; c < pmine.end; ++c)
-        gemm_rows<V>(0, n, G, dgates + r0 * G, G, a.w_hh + c * NR, P, dh + c * NR, P,
+        gemm_rows<V>(0, n, G, dgates + r0 * G, G, phh + c * G * NR, NR, dh + c * NR, P,
                      imin(NR, P - c * NR), kStore);
     }
+#pragma omp barrier
+    weight_gradients(nt, tid);
   }
 };
 
@@ -635,7 +749,7 @@ FusedSizes fused_sizes(const LayerDims& d, bool proj, int threads) {
   using V = typename Vec<T>::type;
   const int64_t forward = one_step(d) ? OneStep<V>::size(d, proj)
                                       : forward_layout<2 * V::width>(d, proj, threads).size;
-  return {forward, proj ? d.batch * d.hidden : 0};
+  return {forward, Backward<V>::size(d, proj, threads)};
 }
 
 template <typename T>
@@ -657,7 +771,7 @@ template <typename T>
 void fused_backward(const LayerDims& d, const int64_t* off, const BackwardArgs<T>& a,
                     T* dgates, T* dh_all, T* work, int threads) {
   using V = typename Vec<T>::type;
-  Backward<V> b(d, off, a, dgates, dh_all, work);
+  Backward<V> b(d, off, a, dgates, dh_all, work, threads);
 #pragma omp parallel num_threads(threads)
   b.run(omp_get_num_threads(), omp_get_thread_num());
 }

@@ -189,13 +189,13 @@ void generic_backward(const LayerDims& d, const std::vector<int64_t>& off,
   }
 }
 
-// After the recurrence: dx, dW_ih, dW_hh, dW_hr (and db unless the fused
-// kernels summed it) as GEMMs over all steps.
+// After the generic recurrence: dx, dW_ih, dW_hh and db as GEMMs over all
+// steps.
 template <typename T>
-void gradients(const LayerDims& d, const std::vector<int64_t>& off, const BackwardArgs<T>& a,
-               const T* dgates, const T* dh_all, bool db_done) {
-  const int64_t N = d.rows, B = d.batch, I = d.input, H = d.hidden, P = d.proj, G = 4 * H;
-  gemm_nn<T>(N, I, G, dgates, G, a.w_ih, I, a.dx, I, false);
+void generic_gradients(const LayerDims& d, const std::vector<int64_t>& off,
+                       const BackwardArgs<T>& a, const T* dgates) {
+  const int64_t N = d.rows, B = d.batch, I = d.input, P = d.proj, G = 4 * d.hidden;
+  gemm<T>(false, false, N, I, G, T(1), dgates, G, a.w_ih, I, T(0), a.dx, I);
   gemm<T>(true, false, G, I, N, T(1), dgates, G, a.x, I, T(0), a.dw_ih, I);
 
   // dW_hh = sum over rows of dgates^T h_{t-1}. With every step B rows, the
@@ -221,26 +221,30 @@ void gradients(const LayerDims& d, const std::vector<int64_t>& off, const Backwa
     gemm<T>(true, false, G, P, N, T(1), dgates, G, h_prev.data(), P, T(0), a.dw_hh, P);
   }
 
-  if (a.db && !db_done) {
+  if (a.db) {
     std::fill(a.db, a.db + G, T(0));
     for (int64_t r = 0; r < N; ++r) {
       const T* dg = dgates + r * G;
       for (int64_t j = 0; j < G; ++j) a.db[j] += dg[j];
     }
   }
-  if (a.w_hr) {
-    // h before the projection, recomputed from the saved activations.
-    std::vector<T> h_pre(N * H);
-    if (fused_available<T>()) {
-      fused_hidden(a.gates, a.cells, N, H, h_pre.data());
-    } else {
-      for_rows(N, H, [&](int64_t r) {
-        for (int64_t j = 0; j < H; ++j)
-          h_pre[r * H + j] = cell_hidden(a.gates[r * G + 3 * H + j], a.cells[r * H + j]);
-      });
-    }
-    gemm<T>(true, false, P, H, N, T(1), dh_all, P, h_pre.data(), H, T(0), a.dw_hr, H);
+}
+
+// dW_hr = sum over rows of dh^T h', h' (before the projection) recomputed
+// from the saved activations and cells.
+template <typename T>
+void projection_gradient(const LayerDims& d, const BackwardArgs<T>& a, const T* dh_all) {
+  const int64_t N = d.rows, H = d.hidden, P = d.proj, G = 4 * H;
+  const auto h_pre = workspace<T>(N * H);
+  if (fused_available<T>()) {
+    fused_hidden(a.gates, a.cells, N, H, h_pre.get());
+  } else {
+    for_rows(N, H, [&](int64_t r) {
+      for (int64_t j = 0; j < H; ++j)
+        h_pre[r * H + j] = cell_hidden(a.gates[r * G + 3 * H + j], a.cells[r * H + j]);
+    });
   }
+  gemm<T>(true, false, P, H, N, T(1), dh_all, P, h_pre.get(), H, T(0), a.dw_hr, H);
 }
 
 }  // namespace
@@ -274,7 +278,8 @@ void layer_backward(const LayerDims& d, const BackwardArgs<T>& a) {
   } else {
     generic_backward(d, off, a, dgates.get(), dh_all.get());
   }
-  gradients(d, off, a, dgates.get(), dh_all.get(), fused);
+  if (!fused) generic_gradients(d, off, a, dgates.get());
+  if (a.w_hr) projection_gradient(d, a, dh_all.get());
 }
 
 template void layer_forward<float>(const LayerDims&, const ForwardArgs<float>&);

@@ -59,33 +59,57 @@ LF_INLINE F8 operator/(F8 a, F8 b) { return _mm256_div_ps(a.v, b.v); }
 LF_INLINE F8 operator-(F8 a) { return _mm256_xor_ps(a.v, _mm256_set1_ps(-0.0f)); }
 LF_INLINE F8 fma(F8 a, F8 b, F8 c) { return _mm256_fmadd_ps(a.v, b.v, c.v); }
 
+// exp of N vectors in place, in lock-step: each step of the evaluation is
+// done for all N before the next, so the long chain of dependent operations
+// of one vector overlaps with the others'.
 // exp(x) = 2^n e^r with n = round(x / ln 2), |r| <= ln2 / 2, e^r from Cephes'
 // degree-6 polynomial: within 2 ulp on [-87, 88]. x is clamped to where 2^n
 // is a normal float (exp(-88) becomes 0 rather than a denormal, exp(89) stays
 // finite, which sigmoid and tanh below do not notice); NaN passes through
 // (min/max return their second operand when one is NaN).
-LF_INLINE F8 exp(F8 a) {
-  __m256 x = _mm256_max_ps(_mm256_set1_ps(-87.3365f), _mm256_min_ps(_mm256_set1_ps(88.3762f), a.v));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+template <int N>
+LF_INLINE void exp_ps(__m256 (&x)[N]) {
+  __m256 n[N], p[N];
+  for (int i = 0; i < N; ++i)
+    x[i] = _mm256_max_ps(_mm256_set1_ps(-87.3365f), _mm256_min_ps(_mm256_set1_ps(88.3762f), x[i]));
+  for (int i = 0; i < N; ++i)
+    n[i] = _mm256_round_ps(_mm256_mul_ps(x[i], _mm256_set1_ps(1.44269504088896341f)),
+                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  for (int i = 0; i < N; ++i) x[i] = _mm256_fnmadd_ps(n[i], _mm256_set1_ps(0.693359375f), x[i]);
+  for (int i = 0; i < N; ++i) x[i] = _mm256_fnmadd_ps(n[i], _mm256_set1_ps(-2.12194440e-4f), x[i]);
+  for (int i = 0; i < N; ++i)
+    p[i] = _mm256_fmadd_ps(_mm256_set1_ps(1.9875691500e-4f), x[i], _mm256_set1_ps(1.3981999507e-3f));
+  for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], x[i], _mm256_set1_ps(8.3334519073e-3f));
+  for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], x[i], _mm256_set1_ps(4.1665795894e-2f));
+  for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], x[i], _mm256_set1_ps(1.6666665459e-1f));
+  for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], x[i], _mm256_set1_ps(5.0000001201e-1f));
+  for (int i = 0; i < N; ++i)
+    p[i] = _mm256_fmadd_ps(p[i], _mm256_mul_ps(x[i], x[i]), _mm256_add_ps(x[i], _mm256_set1_ps(1.f)));
+  for (int i = 0; i < N; ++i)
+    x[i] = _mm256_mul_ps(p[i], _mm256_castsi256_ps(_mm256_slli_epi32(
+                                   _mm256_add_epi32(_mm256_cvtps_epi32(n[i]), _mm256_set1_epi32(127)), 23)));
 }
+// 1 / a from the 12-bit estimate and one Newton step: within 2 ulp, a
+// third of a division's cost. Used for 1 / (1 + exp(.)) only, where a >= 1
+// (or NaN): never 0 or infinite, so the Newton step cannot make a NaN.
+LF_INLINE __m256 recip_ps(__m256 a) {
+  const __m256 r = _mm256_rcp_ps(a);
+  return _mm256_mul_ps(r, _mm256_fnmadd_ps(a, r, _mm256_set1_ps(2.f)));
+}
+
+LF_INLINE F8 exp(F8 a) {
+  __m256 v[1] = {a.v};
+  exp_ps(v);
+  return v[0];
+}
+LF_INLINE F8 reciprocal(F8 a) { return recip_ps(a.v); }
 // tanh(a) = 2 / (1 + exp(-2a)) - 1: within a few float ulps of 1 in absolute
-// terms (the scale of the cell), and exactly ±1 where tanh saturates.
+// terms (the scale of the cell), and ±1 where tanh saturates.
 LF_INLINE F8 tanh(F8 a) {
-  const F8 e = exp(F8(_mm256_mul_ps(a.v, _mm256_set1_ps(-2.f))));
-  return F8(2.f) / (F8(1.f) + e) - F8(1.f);
+  __m256 v[1] = {_mm256_mul_ps(a.v, _mm256_set1_ps(-2.f))};
+  exp_ps(v);
+  return _mm256_fmsub_ps(_mm256_set1_ps(2.f), recip_ps(_mm256_add_ps(_mm256_set1_ps(1.f), v[0])),
+                         _mm256_set1_ps(1.f));
 }
 
 struct D4 {
@@ -128,6 +152,46 @@ LF_INLINE D4 exp(D4 a) { return Sleef_expd4_u10avx2(a.v); }
 LF_INLINE D4 tanh(D4 a) { return Sleef_tanhd4_u10avx2(a.v); }
 
 inline bool have_double_math() { return Sleef_expd4_u10avx2 && Sleef_tanhd4_u10avx2; }
+
+// Two vectors as one value (the 16 floats or 8 doubles of a chunk of units):
+// every operation is done on both, so the cell's long chains of dependent
+// operations come in independent pairs; float's exp runs them in lock-step.
+template <class V>
+struct X2 {
+  using scalar = typename V::scalar;
+  static constexpr int width = 2 * V::width;
+  V a, b;
+  X2() = default;
+  LF_INLINE X2(V x, V y) : a(x), b(y) {}
+  LF_INLINE X2(scalar s) : a(s), b(s) {}
+  static LF_INLINE X2 load(const scalar* p, int64_t n) {
+    return {V::load(p, n), V::load(p + V::width, n - V::width)};
+  }
+  LF_INLINE void store(scalar* p, int64_t n) const {
+    a.store(p, n);
+    b.store(p + V::width, n - V::width);
+  }
+};
+template <class V> LF_INLINE X2<V> operator+(X2<V> x, X2<V> y) { return {x.a + y.a, x.b + y.b}; }
+template <class V> LF_INLINE X2<V> operator-(X2<V> x, X2<V> y) { return {x.a - y.a, x.b - y.b}; }
+template <class V> LF_INLINE X2<V> operator*(X2<V> x, X2<V> y) { return {x.a * y.a, x.b * y.b}; }
+template <class V> LF_INLINE X2<V> operator/(X2<V> x, X2<V> y) { return {x.a / y.a, x.b / y.b}; }
+template <class V> LF_INLINE X2<V> operator-(X2<V> x) { return {-x.a, -x.b}; }
+LF_INLINE X2<F8> exp(X2<F8> x) {
+  __m256 v[2] = {x.a.v, x.b.v};
+  exp_ps(v);
+  return {v[0], v[1]};
+}
+LF_INLINE X2<F8> reciprocal(X2<F8> x) { return {reciprocal(x.a), reciprocal(x.b)}; }
+LF_INLINE X2<F8> tanh(X2<F8> x) {
+  __m256 v[2] = {_mm256_mul_ps(x.a.v, _mm256_set1_ps(-2.f)), _mm256_mul_ps(x.b.v, _mm256_set1_ps(-2.f))};
+  exp_ps(v);
+  const __m256 two = _mm256_set1_ps(2.f), one = _mm256_set1_ps(1.f);
+  return {_mm256_fmsub_ps(two, recip_ps(_mm256_add_ps(one, v[0])), one),
+          _mm256_fmsub_ps(two, recip_ps(_mm256_add_ps(one, v[1])), one)};
+}
+LF_INLINE X2<D4> exp(X2<D4> x) { return {exp(x.a), exp(x.b)}; }
+LF_INLINE X2<D4> tanh(X2<D4> x) { return {tanh(x.a), tanh(x.b)}; }
 
 // The vector type of a scalar type.
 template <typename T> struct Vec;
