@@ -124,8 +124,10 @@ ForwardCall forward_call(const LayerSizes& s, const at::Tensor& x, const at::Ten
   c.y = x.new_empty({s.rows, s.proj});
   c.h_n = x.new_empty({s.batch, s.proj});
   c.c_n = x.new_empty({s.batch, s.hidden});
-  c.gates = x.new_empty({s.rows, 4 * s.hidden});
-  if (save) c.cells = x.new_empty({s.rows, s.hidden});
+  if (save) {
+    c.gates = x.new_empty({s.rows, 4 * s.hidden});
+    c.cells = x.new_empty({s.rows, s.hidden});
+  }
   return c;
 }
 

@@ -32,17 +32,16 @@ at::Tensor check_like(const std::optional<at::Tensor>& t, at::IntArrayRef shape,
 
 // A layer call after check_layer_args (and the device's own checks): the
 // arguments made contiguous and the outputs allocated. Optional arguments
-// that are absent stay undefined. gates [rows, 4H] is always allocated (the
-// kernels' gate buffer); cells [rows, H] only with save. Without save the op
-// returns both with 0 rows.
+// that are absent stay undefined. gates [rows, 4H] and cells [rows, H] are
+// allocated only with save; without, the op returns both with 0 rows (a
+// device that needs them as workspace allocates them itself).
 struct ForwardCall {
   at::Tensor x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr;
   at::Tensor y, h_n, c_n, gates, cells;
   bool save = true;
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs() const {
     if (save) return {y, h_n, c_n, gates, cells};
-    return {y, h_n, c_n, gates.new_empty({0, gates.size(1)}),
-            gates.new_empty({0, c_n.size(1)})};
+    return {y, h_n, c_n, y.new_empty({0, 4 * c_n.size(1)}), y.new_empty({0, c_n.size(1)})};
   }
 };
 ForwardCall forward_call(const LayerSizes& s, const at::Tensor& x, const at::Tensor& h0,

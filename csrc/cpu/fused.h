@@ -25,19 +25,20 @@ template <typename T>
 bool fused_available();
 bool fused_double_math();  // the SLEEF routines double uses are there
 
-// Buffer sizes, in elements of T, for a layer call (proj: w_hr given) on at
-// most `threads` threads.
+// Buffer sizes, in elements of T, for a layer call (proj: w_hr given; save:
+// forward keeps activations and cells) on at most `threads` threads.
 struct FusedSizes {
   int64_t forward;   // forward workspace
   int64_t backward;  // backward workspace
 };
 template <typename T>
-FusedSizes fused_sizes(const LayerDims& d, bool proj, int threads);
+FusedSizes fused_sizes(const LayerDims& d, bool proj, bool save, int threads);
 
 // Forward over the whole sequence. step_offsets[t] is the first row of step
-// t. a.cells may be null (inference: neither cells nor activations are kept;
-// a.gates is then a workspace). a.c_n must hold c0 on entry (the running
-// cell state). y gets h of every step; h_n is left to the caller.
+// t. a.cells and a.gates may be null (inference: neither activations nor
+// cells are kept, the gates of a chunk of steps live in the workspace). a.c_n
+// must hold c0 on entry (the running cell state). y gets h of every step;
+// h_n is left to the caller.
 template <typename T>
 void fused_forward(const LayerDims& d, const int64_t* step_offsets, const ForwardArgs<T>& a,
                    T* work, int threads);

@@ -182,19 +182,23 @@ struct PanelOut {
 };
 
 // C = A B for M rows, one thread's share: row blocks of kMC round-robin over
-// the team, K in blocks of kKC. B is np packed panels [K, NR]; out(p) says
+// the team (or, for few rows, panels), K in blocks of kKC. B is np packed panels [K, NR]; out(p) says
 // where panel p's columns go; pack(m0, m1, k0, kc, buf) packs A's block.
 // The first K block stores (adding the bias, if any), the others add.
 template <class V, class PackA, class Out, typename T = typename V::scalar>
 void gemm_blocks(int nt, int tid, int64_t M, int64_t K, const PackA& pack, const T* panels,
                  int64_t np, const Out& out, T* ablk) {
   constexpr int NR = 2 * V::width;
-  for (int64_t blk = tid; blk * kMC < M; blk += nt) {
+  // Few rows: each thread takes a share of the panels for all rows (packing
+  // A twice); else a share of the row blocks for all panels.
+  const int groups = M >= 4 * nt * kMC ? 1 : nt, g = tid % groups;
+  const int64_t p0 = np * g / groups, p1 = np * (g + 1) / groups;
+  for (int64_t blk = tid / groups; blk * kMC < M; blk += nt / groups) {
     const int64_t m0 = blk * kMC, m1 = imin(M, m0 + kMC);
     for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kKC) {
       const int64_t kc = imin(kKC, K - k0);
       pack(m0, m1, k0, kc, ablk);
-      for (int64_t p = 0; p < np; ++p) {
+      for (int64_t p = p0; p < p1; ++p) {
         const PanelOut<T> o = out(p);
         const Mode mode = k0 > 0 ? kAdd : o.bias ? kBias : kStore;
         const T* bp = panels + p * K * NR + k0 * NR;
@@ -308,20 +312,26 @@ LF_INLINE void cell_forward_rows(int64_t b0, int64_t b1, int64_t u0, int64_t nc,
 // Where the forward workspace's parts start (elements) and its size.
 struct ForwardLayout {
   bool pack_ih, pack_hh;
-  int64_t pih, phh, phr, hpre, apack, size;
+  int64_t chunk;  // steps per chunk of the input projection
+  int64_t pih, phh, phr, hpre, apack, ring, size;
 };
-template <int NR>
-ForwardLayout forward_layout(const LayerDims& d, bool proj, int threads) {
+template <int NR, typename T>
+ForwardLayout forward_layout(const LayerDims& d, bool proj, bool save, int threads) {
   ForwardLayout l;
   const int64_t G = 4 * d.hidden, chunks = cdiv(d.hidden, NR);
   l.pack_ih = d.rows >= 8;  // else the rows are dot products with W_ih in place
   l.pack_hh = d.batch > 1;  // batch 1: dot products with W_hh in place
-  l.pih = G;                // the combined bias comes first
+  // The input projection runs a chunk of steps ahead of the recurrence, so
+  // the gates the steps read are still in cache: about 1 MB of them.
+  l.chunk = imax(1, imin(d.steps, (int64_t(1) << 20) / imax(1, d.batch * G * int64_t(sizeof(T)))));
+  l.pih = G;  // the combined bias comes first
   l.phh = l.pih + (l.pack_ih ? chunks * 4 * d.input * NR : 0);
   l.phr = l.phh + (l.pack_hh ? chunks * 4 * d.proj * NR : 0);
   l.hpre = l.phr + (proj ? cdiv(d.proj, NR) * d.hidden * NR : 0);
   l.apack = l.hpre + (proj ? d.batch * d.hidden : 0);
-  l.size = l.apack + (l.pack_ih ? threads * kMC * kKC : 0);
+  l.ring = l.apack + (l.pack_ih ? threads * kMC * kKC : 0);
+  // Without save the chunk's gates live here, not in a.gates.
+  l.size = l.ring + (save ? 0 : l.chunk * d.batch * G);
   return l;
 }
 
@@ -332,8 +342,9 @@ struct Forward {
   const int64_t* off;
   const ForwardArgs<T>& a;
   int64_t N, B, I, H, P, G, chunks, pchunks;
-  bool pack_ih, pack_hh, proj;
-  T *bias, *pih, *phh, *phr, *hpre, *apack;
+  bool pack_ih, pack_hh, proj, save;
+  int64_t chunk;
+  T *bias, *pih, *phh, *phr, *hpre, *apack, *ring;
 
   Forward(const LayerDims& d_, const int64_t* off_, const ForwardArgs<T>& a_, T* work,
           int threads)
@@ -342,15 +353,18 @@ struct Forward {
     chunks = cdiv(H, NR);
     pchunks = cdiv(P, NR);
     proj = a.w_hr != nullptr;
-    const ForwardLayout l = forward_layout<NR>(d, proj, threads);
+    save = a.cells != nullptr;
+    const ForwardLayout l = forward_layout<NR, T>(d, proj, save, threads);
     pack_ih = l.pack_ih;
     pack_hh = l.pack_hh;
+    chunk = l.chunk;
     bias = work;
     pih = work + l.pih;
     phh = work + l.phh;
     phr = work + l.phr;
     hpre = work + l.hpre;
     apack = work + l.apack;
+    ring = work + l.ring;
   }
 
   int64_t step_at(int64_t k) const { return d.reverse ? d.steps - 1 - k : k; }
@@ -370,26 +384,26 @@ struct Forward {
         bias[j] = (a.b_ih ? a.b_ih[j] : T(0)) + (a.b_hh ? a.b_hh[j] : T(0));
   }
 
-  // gates = x W_ih^T + bias for every row: row blocks across threads, K in
-  // cache-sized blocks, each panel's block reused by all the block's rows.
-  void input_projection(int nt, int tid) {
+  // gates = x W_ih^T + bias for the rows [r0, r1), into gx (row r0 first).
+  void input_projection(int nt, int tid, int64_t r0, int64_t r1, T* gx) {
+    const T* x = a.x + r0 * I;
     if (!pack_ih) {
-      for (int64_t r = tid; r < N; r += nt) {
-        T* g = a.gates + r * G;
+      for (int64_t r = tid; r < r1 - r0; r += nt) {
+        T* g = gx + r * G;
         std::memcpy(g, bias, sizeof(T) * G);
         for (int64_t j = 0; j < G; j += V::width)
-          dot_rows<V>(I, a.x + r * I, a.w_ih + j * I, imin(V::width, G - j), g + j);
+          dot_rows<V>(I, x + r * I, a.w_ih + j * I, imin(V::width, G - j), g + j);
       }
       return;
     }
     const auto pack = [&](int64_t m0, int64_t m1, int64_t k0, int64_t kc, T* buf) {
-      pack_a(m0, m1, a.x, I, k0, kc, buf);
+      pack_a(m0, m1, x, I, k0, kc, buf);
     };
     const auto out = [&](int64_t p) {
       const int64_t c = p / 4, q = p % 4, col = q * H + c * NR;
-      return PanelOut<T>{a.gates + col, G, imin(NR, H - c * NR), bias + col};
+      return PanelOut<T>{gx + col, G, imin(NR, H - c * NR), bias + col};
     };
-    gemm_blocks<V>(nt, tid, N, I, pack, pih, chunks * 4, out, apack + tid * kMC * kKC);
+    gemm_blocks<V>(nt, tid, r1 - r0, I, pack, pih, chunks * 4, out, apack + tid * kMC * kKC);
   }
 
   // gates rows [b0, b1) of this step += h_prev W_hh^T for chunk c, then the
@@ -420,30 +434,38 @@ struct Forward {
   void run(int nt, int tid) {
     pack(nt, tid);
 #pragma omp barrier
-    input_projection(nt, tid);
-#pragma omp barrier
     const Range mine = split(chunks, nt, tid), pmine = split(pchunks, nt, tid);
-    for (int64_t k = 0; k < d.steps; ++k) {
-      const int64_t t = step_at(k), n = d.batch_sizes[t], r0 = off[t];
-      // h_{t-1}: the previous step's rows of y, h0 for rows that start here.
-      const int64_t tp = k > 0 ? step_at(k - 1) : -1;
-      const int64_t n_prev = tp >= 0 ? imin(n, d.batch_sizes[tp]) : 0;
-      const T* y_prev = tp >= 0 ? a.y + off[tp] * P : nullptr;
-      T* g = a.gates + r0 * G;
-      T* cells = a.cells != nullptr ? a.cells + r0 * H : nullptr;
-      T* h_out = proj ? hpre : a.y + r0 * P;
-      const int64_t ldh = proj ? H : P;
-      for (int64_t c = mine.begin; c < mine.end; ++c) {
-        if (n_prev > 0) step_rows(0, n_prev, c, y_prev, g, cells, h_out, ldh);
-        if (n_prev < n) step_rows(n_prev, n, c, a.h0, g, cells, h_out, ldh);
-      }
-      if (proj) {
+    for (int64_t k0 = 0; k0 < d.steps; k0 += chunk) {
+      // The chunk's steps are contiguous rows [r_lo, r_hi) in either direction.
+      const int64_t k1 = imin(d.steps, k0 + chunk);
+      const int64_t t_lo = imin(step_at(k0), step_at(k1 - 1)),
+                    t_hi = imax(step_at(k0), step_at(k1 - 1));
+      const int64_t r_lo = off[t_lo], r_hi = off[t_hi] + d.batch_sizes[t_hi];
+      T* gx = save ? a.gates + r_lo * G : ring;
+      input_projection(nt, tid, r_lo, r_hi, gx);
 #pragma omp barrier
-        for (int64_t c = pmine.begin; c < pmine.end; ++c)
-          gemm_rows<V>(0, n, H, hpre, H, phr + c * H * NR, NR, a.y + r0 * P + c * NR, P,
-                       imin(NR, P - c * NR), kStore);
-      }
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t t = step_at(k), n = d.batch_sizes[t], r0 = off[t];
+        // h_{t-1}: the previous step's rows of y, h0 for rows that start here.
+        const int64_t tp = k > 0 ? step_at(k - 1) : -1;
+        const int64_t n_prev = tp >= 0 ? imin(n, d.batch_sizes[tp]) : 0;
+        const T* y_prev = tp >= 0 ? a.y + off[tp] * P : nullptr;
+        T* g = gx + (r0 - r_lo) * G;
+        T* cells = save ? a.cells + r0 * H : nullptr;
+        T* h_out = proj ? hpre : a.y + r0 * P;
+        const int64_t ldh = proj ? H : P;
+        for (int64_t c = mine.begin; c < mine.end; ++c) {
+          if (n_prev > 0) step_rows(0, n_prev, c, y_prev, g, cells, h_out, ldh);
+          if (n_prev < n) step_rows(n_prev, n, c, a.h0, g, cells, h_out, ldh);
+        }
+        if (proj) {
 #pragma omp barrier
+          for (int64_t c = pmine.begin; c < pmine.end; ++c)
+            gemm_rows<V>(0, n, H, hpre, H, phr + c * H * NR, NR, a.y + r0 * P + c * NR, P,
+                         imin(NR, P - c * NR), kStore);
+        }
+#pragma omp barrier
+      }
     }
   }
 };
@@ -745,10 +767,10 @@ struct Backward {
 static bool one_step(const LayerDims& d) { return d.steps == 1 && d.batch > 1; }
 
 template <typename T>
-FusedSizes fused_sizes(const LayerDims& d, bool proj, int threads) {
+FusedSizes fused_sizes(const LayerDims& d, bool proj, bool save, int threads) {
   using V = typename Vec<T>::type;
   const int64_t forward = one_step(d) ? OneStep<V>::size(d, proj)
-                                      : forward_layout<2 * V::width>(d, proj, threads).size;
+                                      : forward_layout<2 * V::width, T>(d, proj, save, threads).size;
   return {forward, Backward<V>::size(d, proj, threads)};
 }
 
@@ -798,8 +820,8 @@ int fused_threads(const LayerDims& d, int max) {
 
 bool fused_double_math() { return avx2::have_double_math(); }
 
-template FusedSizes fused_sizes<float>(const LayerDims&, bool, int);
-template FusedSizes fused_sizes<double>(const LayerDims&, bool, int);
+template FusedSizes fused_sizes<float>(const LayerDims&, bool, bool, int);
+template FusedSizes fused_sizes<double>(const LayerDims&, bool, bool, int);
 template void fused_hidden<float>(const float*, const float*, int64_t, int64_t, float*);
 template void fused_hidden<double>(const double*, const double*, int64_t, int64_t, double*);
 template void fused_forward<float>(const LayerDims&, const int64_t*, const ForwardArgs<float>&,

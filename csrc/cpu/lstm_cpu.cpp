@@ -111,8 +111,10 @@ template <typename T>
 void generic_forward(const LayerDims& d, const std::vector<int64_t>& off,
                      const ForwardArgs<T>& a) {
   const int64_t N = d.rows, B = d.batch, I = d.input, H = d.hidden, P = d.proj, G = 4 * H;
-  std::vector<T> scratch(a.cells ? 0 : N * H);  // inference keeps no cells
+  // Inference keeps no activations or cells: they go to scratch buffers.
+  std::vector<T> scratch(a.cells ? 0 : N * (G + H));
   T* cells = a.cells ? a.cells : scratch.data();
+  T* gates = a.gates ? a.gates : scratch.data() + N * H;
 
   // gates = x W_ih^T + (b_ih + b_hh), for every step at once.
   const bool has_bias = a.b_ih != nullptr || a.b_hh != nullptr;
@@ -120,9 +122,9 @@ void generic_forward(const LayerDims& d, const std::vector<int64_t>& off,
     std::vector<T> bias(G);
     for (int64_t j = 0; j < G; ++j)
       bias[j] = (a.b_ih ? a.b_ih[j] : T(0)) + (a.b_hh ? a.b_hh[j] : T(0));
-    for (int64_t r = 0; r < N; ++r) copy_rows(a.gates + r * G, bias.data(), G);
+    for (int64_t r = 0; r < N; ++r) copy_rows(gates + r * G, bias.data(), G);
   }
-  gemm<T>(false, true, N, G, I, T(1), a.x, I, a.w_ih, I, has_bias ? T(1) : T(0), a.gates, G);
+  gemm<T>(false, true, N, G, I, T(1), a.x, I, a.w_ih, I, has_bias ? T(1) : T(0), gates, G);
 
   // h of the previous step: y's rows or h0 (rows that start at this step).
   std::vector<T> h_prev(B * P);
@@ -133,7 +135,7 @@ void generic_forward(const LayerDims& d, const std::vector<int64_t>& off,
     const int64_t n_prev = tp >= 0 ? std::min(n, d.batch_sizes[tp]) : 0;
     copy_rows(h_prev.data(), a.y + (tp >= 0 ? off[tp] : 0) * P, n_prev * P);
     copy_rows(h_prev.data() + n_prev * P, a.h0 + n_prev * P, (n - n_prev) * P);
-    T* g = a.gates + r0 * G;
+    T* g = gates + r0 * G;
     gemm<T>(false, true, n, G, P, T(1), h_prev.data(), P, a.w_hh, P, T(1), g, G);
     T* h_out = a.w_hr ? h_pre.data() : a.y + r0 * P;
     for_rows(n, H, [&](int64_t b) {
@@ -255,7 +257,8 @@ void layer_forward(const LayerDims& d, const ForwardArgs<T>& a) {
   copy_rows(a.c_n, a.c0, d.batch * d.hidden);  // the running cell state
   if (fused_available<T>()) {
     const int threads = fused_threads(d, at::get_num_threads());
-    const auto work = workspace<T>(fused_sizes<T>(d, a.w_hr != nullptr, threads).forward);
+    const auto work =
+        workspace<T>(fused_sizes<T>(d, a.w_hr != nullptr, a.cells != nullptr, threads).forward);
     fused_forward(d, off.data(), a, work.get(), threads);
   } else {
     generic_forward(d, off, a);
@@ -273,7 +276,8 @@ void layer_backward(const LayerDims& d, const BackwardArgs<T>& a) {
   const bool fused = fused_available<T>();
   if (fused) {
     const int threads = fused_threads(d, at::get_num_threads());
-    const auto work = workspace<T>(fused_sizes<T>(d, a.w_hr != nullptr, threads).backward);
+    const auto work =
+        workspace<T>(fused_sizes<T>(d, a.w_hr != nullptr, true, threads).backward);
     fused_backward(d, off.data(), a, dgates.get(), dh_all.get(), work.get(), threads);
   } else {
     generic_backward(d, off, a, dgates.get(), dh_all.get());

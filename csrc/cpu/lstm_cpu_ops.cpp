@@ -39,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
         c.w_hh.data_ptr<scalar_t>(),   ptr_or_null<scalar_t>(c.b_ih),
         ptr_or_null<scalar_t>(c.b_hh), ptr_or_null<scalar_t>(c.w_hr),
         c.y.data_ptr<scalar_t>(),      c.h_n.data_ptr<scalar_t>(),
-        c.c_n.data_ptr<scalar_t>(),    c.gates.data_ptr<scalar_t>(),
+        c.c_n.data_ptr<scalar_t>(),    ptr_or_null<scalar_t>(c.gates),
         ptr_or_null<scalar_t>(c.cells)};
     cpu::layer_forward<scalar_t>(dims_of(s, reverse), a);
   });

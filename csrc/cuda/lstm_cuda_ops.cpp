@@ -260,7 +260,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
   const c10::cuda::CUDAGuard device(x.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   ForwardCall c = forward_call(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, save);
-  if (!c.cells.defined()) c.cells = x.new_empty({s.rows, s.hidden});  // the kernels' workspace
+  if (!save) {  // the kernels' workspace
+    c.gates = x.new_empty({s.rows, 4 * s.hidden});
+    c.cells = x.new_empty({s.rows, s.hidden});
+  }
   const Layout L(s, reverse);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "lstm_fused_layer_forward_cuda", [&] {
