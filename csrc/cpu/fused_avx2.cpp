@@ -763,8 +763,24 @@ struct Backward {
 
 }  // namespace
 
+namespace {
+
+// work.run(nt, tid) on a team of `threads` (one thread: no parallel region,
+// whose start costs about a microsecond).
+template <class Work>
+void in_team(int threads, Work& work) {
+  if (threads <= 1) {
+    work.run(1, 0);
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  work.run(omp_get_num_threads(), omp_get_thread_num());
+}
+
 // A call of one step with a batch: OneStep.
-static bool one_step(const LayerDims& d) { return d.steps == 1 && d.batch > 1; }
+bool one_step(const LayerDims& d) { return d.steps == 1 && d.batch > 1; }
+
+}  // namespace
 
 template <typename T>
 FusedSizes fused_sizes(const LayerDims& d, bool proj, bool save, int threads) {
@@ -780,13 +796,11 @@ void fused_forward(const LayerDims& d, const int64_t* off, const ForwardArgs<T>&
   using V = typename Vec<T>::type;
   if (one_step(d)) {
     OneStep<V> f(d, a, work);
-#pragma omp parallel num_threads(threads)
-    f.run(omp_get_num_threads(), omp_get_thread_num());
+    in_team(threads, f);
     return;
   }
   Forward<V> f(d, off, a, work, threads);
-#pragma omp parallel num_threads(threads)
-  f.run(omp_get_num_threads(), omp_get_thread_num());
+  in_team(threads, f);
 }
 
 template <typename T>
@@ -794,8 +808,7 @@ void fused_backward(const LayerDims& d, const int64_t* off, const BackwardArgs<T
                     T* dgates, T* dh_all, T* work, int threads) {
   using V = typename Vec<T>::type;
   Backward<V> b(d, off, a, dgates, dh_all, work, threads);
-#pragma omp parallel num_threads(threads)
-  b.run(omp_get_num_threads(), omp_get_thread_num());
+  in_team(threads, b);
 }
 
 template <typename T>

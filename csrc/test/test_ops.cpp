@@ -52,6 +52,7 @@ struct Case {
   bool bidirectional, bias;
   int64_t proj;
   std::vector<int64_t> lengths;  // non-empty: a PackedSequence of these (sorted)
+  int64_t I = 3, H = 4, T = 5, B = 3;
 };
 
 Opt param(torch::nn::LSTM& m, const std::string& kind, int64_t layer, bool reverse) {
@@ -68,7 +69,7 @@ void run_case(const Case& c) {
   const auto& bwd = c10::Dispatcher::singleton()
                         .findSchemaOrThrow("lstm_fused::layer_backward", "")
                         .typed<Backward>();
-  const int64_t I = 3, H = 4, T = 5, B = 3, D = c.bidirectional ? 2 : 1;
+  const int64_t I = c.I, H = c.H, T = c.T, B = c.B, D = c.bidirectional ? 2 : 1;
   const int64_t P = c.proj > 0 ? c.proj : H;
   const auto f64 = torch::TensorOptions().dtype(torch::kDouble);
   torch::manual_seed(0);
@@ -210,6 +211,14 @@ int main() {
       {"projection, no bias", 1, true, false, 2, {}},
       {"packed bidirectional", 1, true, true, 0, {5, 3, 2}},
       {"packed 2 layers projection", 2, true, true, 3, {5, 5, 1}},
+      // The CPU kernels' other paths: one step with a batch (batch in vector
+      // lanes), batch 1 (dot products), and a layer wide enough for two
+      // threads with partial register tiles.
+      {"one step", 1, true, true, 0, {}, 7, 20, 1, 9},
+      {"one step projection", 1, false, true, 6, {}, 7, 20, 1, 9},
+      {"batch 1", 2, false, true, 0, {}, 6, 19, 4, 1},
+      {"wide packed projection", 1, true, true, 5,
+       {6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 3, 3, 3, 3, 2, 2, 2, 1, 1, 1}, 30, 40, 6, 20},
   };
   for (const Case& c : cases) {
     try {
