@@ -9,7 +9,9 @@ the GPU ``torch_nocudnn`` is the same module with cuDNN disabled (``--alt-ref`` 
 backward (input requires grad; the output's gradient is a fixed random tensor). ``decode``
 cases time ``steps`` sequential T=1 calls carrying ``(h, c)``; ``decode-cell`` the same through
 a stack of ``LSTMCell`` (``lstm_fused.LSTMCell`` against ``nn.LSTMCell``, when we have one);
-their figures are per step. TF32 is off unless ``--tf32``.
+``decode-graph`` (GPU, inference) the ``decode`` step captured once in a CUDA graph per module
+and replayed ``steps`` times, the state carried in the graph's own buffers; their figures are
+per step. TF32 is off unless ``--tf32``.
 
 Compare two result files: ``python -m lstm_fused.bench compare OLD.json NEW.json``.
 
@@ -30,7 +32,8 @@ JSON schema (``schema`` = 1)::
       "wall_s": float (the whole run),
       "cases": [{
         "id": str (unique per shape, e.g. "seq-T100-B32-I256-H256-L1"), "name": str,
-        "kind": "seq"|"decode"|"decode-cell", "mode": "inference"|"train", "dtype": str,
+        "kind": "seq"|"decode"|"decode-cell"|"decode-graph", "mode": "inference"|"train",
+        "dtype": str,
         "shape": {"T": int, "B": int, "I": int, "H": int, "layers": int, "bidir": bool,
                   "lengths": [lo, hi]|null (packed variable lengths)},
         "unit": "ms per call"|"ms per step",
@@ -94,7 +97,7 @@ class Case:
     layers: int = 1
     bidir: bool = False
     lengths: tuple = None  # (lo, hi): packed, lengths drawn uniformly in [lo, hi]
-    kind: str = "seq"  # "seq" | "decode" | "decode-cell"
+    kind: str = "seq"  # "seq" | "decode" | "decode-cell" | "decode-graph"
     modes: tuple = MODES  # the modes this case runs in (of those asked for)
 
     @property
@@ -113,8 +116,10 @@ class Case:
         return s + (f" packed {self.lengths[0]}-{self.lengths[1]}" if self.lengths else "")
 
 
-def _decode(B, H=512, steps=200, layers=2, modes=MODES):
-    return [Case(steps, B, H, H, layers, kind=k, modes=modes) for k in ("decode", "decode-cell")]
+def _decode(B, H=512, steps=200, layers=2, modes=MODES, graph=False):
+    kinds = ("decode", "decode-cell") + (("decode-graph",) if graph else ())
+    return [Case(steps, B, H, H, layers, kind=k, modes=("inference",) if k == "decode-graph"
+                 else modes) for k in kinds]
 
 
 GRIDS = {
@@ -125,7 +130,8 @@ GRIDS = {
             Case(100, 1, 256, 256), Case(100, 1, 1024, 1024), Case(512, 4, 512, 512),
             Case(200, 8, 128, 256), Case(100, 128, 1024, 1024), Case(100, 3, 300, 300),
             Case(100, 32, 512, 512, 2, True), Case(200, 64, 300, 256, 1, True),
-            Case(100, 64, 512, 512, lengths=(10, 100))] + _decode(1) + _decode(64),
+            Case(100, 64, 512, 512, lengths=(10, 100))]
+    + _decode(1, graph=True) + _decode(64, graph=True),
     # Issue 6's CPU grid. To finish in 2 minutes on 2 cores: the packed case at the size of
     # the first (issue 5's (100, 64, 512, 512) packed: --case 100,64,512,512,packed=10-100);
     # decode 25 steps (--decode-steps 200) and inference only.
@@ -264,6 +270,40 @@ def _decode_step(module, xs, h0, train):
     return step
 
 
+def _graph_step(module, xs, h0):
+    """The decode step of ``module`` captured once in a CUDA graph that reads the
+    static input and state and writes the new state back into them; run() copies
+    each step's input in and replays, xs.shape[0] times."""
+    x_in = xs[0].clone()
+    h_in, c_in = (t.clone() for t in h0)
+
+    def body():
+        y, (h, c) = module(x_in, (h_in, c_in))
+        h_in.copy_(h)
+        c_in.copy_(c)
+        return y
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(3):
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        y_out = body()
+    views = xs.unbind(0)
+
+    def step():
+        h_in.copy_(h0[0])
+        c_in.copy_(h0[1])
+        for x in views:
+            x_in.copy_(x)
+            graph.replay()
+        return y_out
+    return step
+
+
 def _cells_step(cells, xs, h0, train):
     """The same through a stack of cells, each step [B, I]."""
     views = xs.unbind(0)
@@ -355,8 +395,14 @@ def build(case, mode, dtype, device, refs):
             refs = []  # cuDNN and oneDNN's RNN have no part in LSTMCell
         else:
             h0 = (randn(case.layers, case.B, case.H), randn(case.layers, case.B, case.H))
-            steps = {"ours": _decode_step(ours, xs, h0, train),
-                     "torch": _decode_step(ref, xs, h0, train)}
+            if case.kind == "decode-graph":
+                if device.type != "cuda" or train:
+                    raise RuntimeError("decode-graph cases need a GPU and inference mode")
+                steps = {"ours": _graph_step(ours, xs, h0), "torch": _graph_step(ref, xs, h0)}
+                refs = []  # each module has its own captured graph
+            else:
+                steps = {"ours": _decode_step(ours, xs, h0, train),
+                         "torch": _decode_step(ref, xs, h0, train)}
             modules = {"ours": ours, "torch": ref}
     works = {name: Work(steps[name], leaf, list(modules[name].parameters()), train, grad_out)
              for name in ("ours", "torch")}
@@ -719,6 +765,8 @@ def _bench(args, argv):
         cases = [c for c in cases if args.filter in c.name or args.filter in c.id]
     if not hasattr(lstm_fused, "LSTMCell"):
         cases = [c for c in cases if c.kind != "decode-cell"]
+    if not gpu:
+        cases = [c for c in cases if c.kind != "decode-graph"]
     alt = args.alt_ref if args.alt_ref is not None else gpu
     refs = ["torch_nocudnn" if gpu else "torch_noonednn"] if alt else []
 

@@ -172,23 +172,26 @@ void pack_a_t(int64_t b0, int64_t b1, const T* At, int64_t ldat, int64_t k0, int
 // in L2 while each panel's K block passes through L1.
 constexpr int64_t kMC = 96, kKC = 256;
 
-// Where the columns of one B panel go: C (row stride ldc), how many of the
-// panel's columns are real, and a bias row for them (or null).
+// One NR-wide panel of B and where its columns go: B's row k at b + k*ldb
+// (ldb = NR when packed, the matrix's width when read in place), C (row
+// stride ldc), how many of the panel's columns are real, a bias row for them
+// (or null).
 template <typename T>
-struct PanelOut {
+struct Panel {
+  const T* b;
+  int64_t ldb;
   T* c;
   int64_t ldc, ncols;
   const T* bias;
 };
 
 // C = A B for M rows, one thread's share: row blocks of kMC round-robin over
-// the team (or, for few rows, panels), K in blocks of kKC. B is np packed panels [K, NR]; out(p) says
-// where panel p's columns go; pack(m0, m1, k0, kc, buf) packs A's block.
-// The first K block stores (adding the bias, if any), the others add.
-template <class V, class PackA, class Out, typename T = typename V::scalar>
-void gemm_blocks(int nt, int tid, int64_t M, int64_t K, const PackA& pack, const T* panels,
-                 int64_t np, const Out& out, T* ablk) {
-  constexpr int NR = 2 * V::width;
+// the team (or, for few rows, panels), K in blocks of kKC. panel(p) gives
+// panel p of np; pack(m0, m1, k0, kc, buf) packs A's block. The first K
+// block stores (adding the bias, if any), the others add.
+template <class V, class PackA, class PanelFn, typename T = typename V::scalar>
+void gemm_blocks(int nt, int tid, int64_t M, int64_t K, const PackA& pack, int64_t np,
+                 const PanelFn& panel, T* ablk) {
   // Few rows: each thread takes a share of the panels for all rows (packing
   // A twice); else a share of the row blocks for all panels.
   const int groups = M >= 4 * nt * kMC ? 1 : nt, g = tid % groups;
@@ -199,13 +202,13 @@ void gemm_blocks(int nt, int tid, int64_t M, int64_t K, const PackA& pack, const
       const int64_t kc = imin(kKC, K - k0);
       pack(m0, m1, k0, kc, ablk);
       for (int64_t p = p0; p < p1; ++p) {
-        const PanelOut<T> o = out(p);
+        const Panel<T> o = panel(p);
         const Mode mode = k0 > 0 ? kAdd : o.bias ? kBias : kStore;
-        const T* bp = panels + p * K * NR + k0 * NR;
+        const T* bp = o.b + k0 * o.ldb;
         const T* ap = ablk;
         for (int64_t b = m0; b < m1;) {
           const int mr = tile_rows(m1 - b);
-          tile_mr<V>(mr, kc, ap, 0, bp, NR, o.c + b * o.ldc, o.ldc, o.ncols, mode, o.bias);
+          tile_mr<V>(mr, kc, ap, 0, bp, o.ldb, o.c + b * o.ldc, o.ldc, o.ncols, mode, o.bias);
           ap += mr * kc;
           b += mr;
         }
@@ -399,11 +402,11 @@ struct Forward {
     const auto pack = [&](int64_t m0, int64_t m1, int64_t k0, int64_t kc, T* buf) {
       pack_a(m0, m1, x, I, k0, kc, buf);
     };
-    const auto out = [&](int64_t p) {
+    const auto panel = [&](int64_t p) {
       const int64_t c = p / 4, q = p % 4, col = q * H + c * NR;
-      return PanelOut<T>{gx + col, G, imin(NR, H - c * NR), bias + col};
+      return Panel<T>{pih + p * I * NR, NR, gx + col, G, imin(NR, H - c * NR), bias + col};
     };
-    gemm_blocks<V>(nt, tid, r1 - r0, I, pack, pih, chunks * 4, out, apack + tid * kMC * kKC);
+    gemm_blocks<V>(nt, tid, r1 - r0, I, pack, chunks * 4, panel, apack + tid * kMC * kKC);
   }
 
   // gates rows [b0, b1) of this step += h_prev W_hh^T for chunk c, then the
@@ -597,30 +600,40 @@ struct Backward {
   const BackwardArgs<T>& a;
   T *dgates, *dh_all, *dhp, *phh, *pwih, *pxh, *apack;
   int64_t N, B, I, H, P, G, chunks, pchunks, ichunks;
-  bool proj;
+  bool proj, packed;
+
+  // Whether W_hh and W_ih are packed into panels: only when enough rows reuse
+  // them (a short call reads them in place, once).
+  static bool pack_w(const LayerDims& d) { return d.rows >= 2 * kMC; }
 
   // Workspace: dh before the projection [B, H]; panels of W_hh's columns
-  // (for dh), of W_ih's (for dx), of x's and h_{t-1}'s over all rows (for
-  // dW_ih, dW_hh); a block of A per thread.
+  // (for dh) and of W_ih's (for dx), if packed; of x's and h_{t-1}'s over
+  // all rows (for dW_ih, dW_hh); a block of A per thread.
   static int64_t size(const LayerDims& d, bool proj, int threads) {
     const int64_t G = 4 * d.hidden, pc = cdiv(d.proj, NR), ic = cdiv(d.input, NR);
-    return (proj ? d.batch * d.hidden : 0) + pc * G * NR + ic * G * NR +
+    return (proj ? d.batch * d.hidden : 0) + (pack_w(d) ? (pc + ic) * G * NR : 0) +
            (ic + pc) * d.rows * NR + threads * kMC * kKC;
   }
   Backward(const LayerDims& d_, const int64_t* off_, const BackwardArgs<T>& a_, T* dg, T* dha,
-           T* work, int threads)
+           T* work)
       : d(d_), off(off_), a(a_), dgates(dg), dh_all(dha) {
     N = d.rows, B = d.batch, I = d.input, H = d.hidden, P = d.proj, G = 4 * H;
     chunks = cdiv(H, NR);
     pchunks = cdiv(P, NR);
     ichunks = cdiv(I, NR);
     proj = a.w_hr != nullptr;
+    packed = pack_w(d);
     dhp = work;
     phh = dhp + (proj ? B * H : 0);
-    pwih = phh + pchunks * G * NR;
-    pxh = pwih + ichunks * G * NR;
+    pwih = phh + (packed ? pchunks * G * NR : 0);
+    pxh = pwih + (packed ? ichunks * G * NR : 0);
     apack = pxh + (ichunks + pchunks) * N * NR;
-    (void)threads;
+  }
+
+  // Panel c of W_hh's columns (K = 4H rows), packed or in place.
+  const T* w_hh_panel(int64_t c, int64_t* ldb) const {
+    *ldb = packed ? NR : P;
+    return packed ? phh + c * G * NR : a.w_hh + c * NR;
   }
 
   // Columns [c*NR, +NR) of h_{t-1} for every row (y of the step before, or
@@ -645,9 +658,13 @@ struct Backward {
   void weight_gradients(int nt, int tid) {
     const int64_t ic = ichunks;
     for (int64_t p = tid; p < 2 * ic + pchunks; p += nt) {
-      if (p < ic) pack_cols_panel<T, NR>(a.w_ih, G, I, p, pwih + p * G * NR);
-      else if (p < 2 * ic) pack_cols_panel<T, NR>(a.x, N, I, p - ic, pxh + (p - ic) * N * NR);
-      else pack_h_prev_panel(p - 2 * ic, pxh + (p - ic) * N * NR);
+      if (p < ic) {
+        if (packed) pack_cols_panel<T, NR>(a.w_ih, G, I, p, pwih + p * G * NR);
+      } else if (p < 2 * ic) {
+        pack_cols_panel<T, NR>(a.x, N, I, p - ic, pxh + (p - ic) * N * NR);
+      } else {
+        pack_h_prev_panel(p - 2 * ic, pxh + (p - ic) * N * NR);
+      }
     }
 #pragma omp barrier
     T* ablk = apack + tid * kMC * kKC;
@@ -655,18 +672,20 @@ struct Backward {
       pack_a(m0, m1, dgates, G, k0, kc, buf);
     };
     const auto dx = [&](int64_t p) {
-      return PanelOut<T>{a.dx + p * NR, I, imin(NR, I - p * NR), nullptr};
+      const T* b = packed ? pwih + p * G * NR : a.w_ih + p * NR;
+      return Panel<T>{b, packed ? NR : I, a.dx + p * NR, I, imin(NR, I - p * NR), nullptr};
     };
-    gemm_blocks<V>(nt, tid, N, G, rows, pwih, ic, dx, ablk);
+    gemm_blocks<V>(nt, tid, N, G, rows, ic, dx, ablk);
     const auto cols = [&](int64_t m0, int64_t m1, int64_t k0, int64_t kc, T* buf) {
       pack_a_t(m0, m1, dgates, G, k0, kc, buf);
     };
     const auto dw = [&](int64_t p) {
-      if (p < ic) return PanelOut<T>{a.dw_ih + p * NR, I, imin(NR, I - p * NR), nullptr};
+      const T* b = pxh + p * N * NR;
+      if (p < ic) return Panel<T>{b, NR, a.dw_ih + p * NR, I, imin(NR, I - p * NR), nullptr};
       const int64_t c = p - ic;
-      return PanelOut<T>{a.dw_hh + c * NR, P, imin(NR, P - c * NR), nullptr};
+      return Panel<T>{b, NR, a.dw_hh + c * NR, P, imin(NR, P - c * NR), nullptr};
     };
-    gemm_blocks<V>(nt, tid, G, N, cols, pxh, ic + pchunks, dw, ablk);
+    gemm_blocks<V>(nt, tid, G, N, cols, ic + pchunks, dw, ablk);
   }
   int64_t step_at(int64_t k) const { return d.reverse ? d.steps - 1 - k : k; }
 
@@ -702,8 +721,9 @@ struct Backward {
   void run(int nt, int tid) {
     const Range mine = split(chunks, nt, tid), pmine = split(pchunks, nt, tid);
     // Each thread packs the panels of the dh columns it computes.
-    for (int64_t c = pmine.begin; c < pmine.end; ++c)
-      pack_cols_panel<T, NR>(a.w_hh, G, P, c, phh + c * G * NR);
+    if (packed)
+      for (int64_t c = pmine.begin; c < pmine.end; ++c)
+        pack_cols_panel<T, NR>(a.w_hh, G, P, c, phh + c * G * NR);
     // Running gradients: dh0 holds dh, dc0 holds dc; each thread its columns.
     T* dh = a.dh0;
     for (int64_t c = pmine.begin; c < pmine.end; ++c) {
@@ -752,9 +772,12 @@ struct Backward {
       }
 #pragma omp barrier
       // dh_{t-1} = dgates_t W_hh for the active rows.
-      for (int64_t c = pmine.begin; c < pmine.end; ++c)
-        gemm_rows<V>(0, n, G, dgates + r0 * G, G, phh + c * G * NR, NR, dh + c * NR, P,
-                     imin(NR, P - c * NR), kStore);
+      for (int64_t c = pmine.begin; c < pmine.end; ++c) {
+        int64_t ldb;
+        const T* w = w_hh_panel(c, &ldb);
+        gemm_rows<V>(0, n, G, dgates + r0 * G, G, w, ldb, dh + c * NR, P, imin(NR, P - c * NR),
+                     kStore);
+      }
     }
 #pragma omp barrier
     weight_gradients(nt, tid);
@@ -807,7 +830,7 @@ template <typename T>
 void fused_backward(const LayerDims& d, const int64_t* off, const BackwardArgs<T>& a,
                     T* dgates, T* dh_all, T* work, int threads) {
   using V = typename Vec<T>::type;
-  Backward<V> b(d, off, a, dgates, dh_all, work, threads);
+  Backward<V> b(d, off, a, dgates, dh_all, work);
   in_team(threads, b);
 }
 
