@@ -20,16 +20,10 @@
 
 namespace lstm_fused {
 
-// 1 / x; vector types may overload it with a cheaper approximation.
-template <typename T>
-LSTM_HD T reciprocal(T x) {
-  return T(1) / x;
-}
-
 template <typename T>
 LSTM_HD T sigmoid(T x) {
   using std::exp;
-  return reciprocal(T(1) + exp(-x));
+  return T(1) / (T(1) + exp(-x));
 }
 
 template <typename T>

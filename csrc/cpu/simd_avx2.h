@@ -63,15 +63,17 @@ LF_INLINE F8 fma(F8 a, F8 b, F8 c) { return _mm256_fmadd_ps(a.v, b.v, c.v); }
 // done for all N before the next, so the long chain of dependent operations
 // of one vector overlaps with the others'.
 // exp(x) = 2^n e^r with n = round(x / ln 2), |r| <= ln2 / 2, e^r from Cephes'
-// degree-6 polynomial: within 2 ulp on [-87, 88]. x is clamped to where 2^n
-// is a normal float (exp(-88) becomes 0 rather than a denormal, exp(89) stays
-// finite, which sigmoid and tanh below do not notice); NaN passes through
-// (min/max return their second operand when one is NaN).
+// degree-6 polynomial: within 2 ulp on [-87, 88]. Below -87.3 it is 0 or a
+// denormal-sized value, above 88.7 (and for +Inf) +Inf, NaN stays NaN (min and
+// max return their second operand when one is NaN), so sigmoid and tanh reach
+// exactly 0, ±1 where they saturate, as the scalar functions do.
 template <int N>
 LF_INLINE void exp_ps(__m256 (&x)[N]) {
-  __m256 n[N], p[N];
-  for (int i = 0; i < N; ++i)
+  __m256 n[N], p[N], big[N];
+  for (int i = 0; i < N; ++i) {
+    big[i] = _mm256_cmp_ps(x[i], _mm256_set1_ps(88.72f), _CMP_GT_OQ);
     x[i] = _mm256_max_ps(_mm256_set1_ps(-87.3365f), _mm256_min_ps(_mm256_set1_ps(88.3762f), x[i]));
+  }
   for (int i = 0; i < N; ++i)
     n[i] = _mm256_round_ps(_mm256_mul_ps(x[i], _mm256_set1_ps(1.44269504088896341f)),
                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -85,31 +87,27 @@ LF_INLINE void exp_ps(__m256 (&x)[N]) {
   for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], x[i], _mm256_set1_ps(5.0000001201e-1f));
   for (int i = 0; i < N; ++i)
     p[i] = _mm256_fmadd_ps(p[i], _mm256_mul_ps(x[i], x[i]), _mm256_add_ps(x[i], _mm256_set1_ps(1.f)));
-  for (int i = 0; i < N; ++i)
+  for (int i = 0; i < N; ++i) {
     x[i] = _mm256_mul_ps(p[i], _mm256_castsi256_ps(_mm256_slli_epi32(
                                    _mm256_add_epi32(_mm256_cvtps_epi32(n[i]), _mm256_set1_epi32(127)), 23)));
+    x[i] = _mm256_blendv_ps(x[i], _mm256_set1_ps(__builtin_inff()), big[i]);
+  }
 }
-// 1 / a from the 12-bit estimate and one Newton step: within 2 ulp, a
-// third of a division's cost. Used for 1 / (1 + exp(.)) only, where a >= 1
-// (or NaN): never 0 or infinite, so the Newton step cannot make a NaN.
-LF_INLINE __m256 recip_ps(__m256 a) {
-  const __m256 r = _mm256_rcp_ps(a);
-  return _mm256_mul_ps(r, _mm256_fnmadd_ps(a, r, _mm256_set1_ps(2.f)));
-}
-
 LF_INLINE F8 exp(F8 a) {
   __m256 v[1] = {a.v};
   exp_ps(v);
   return v[0];
 }
-LF_INLINE F8 reciprocal(F8 a) { return recip_ps(a.v); }
 // tanh(a) = 2 / (1 + exp(-2a)) - 1: within a few float ulps of 1 in absolute
-// terms (the scale of the cell), and ±1 where tanh saturates.
+// terms (the scale of the cell), and exactly ±1 where tanh saturates.
+LF_INLINE __m256 tanh_ps(__m256 e) {  // from e = exp(-2a)
+  return _mm256_sub_ps(_mm256_div_ps(_mm256_set1_ps(2.f), _mm256_add_ps(_mm256_set1_ps(1.f), e)),
+                       _mm256_set1_ps(1.f));
+}
 LF_INLINE F8 tanh(F8 a) {
   __m256 v[1] = {_mm256_mul_ps(a.v, _mm256_set1_ps(-2.f))};
   exp_ps(v);
-  return _mm256_fmsub_ps(_mm256_set1_ps(2.f), recip_ps(_mm256_add_ps(_mm256_set1_ps(1.f), v[0])),
-                         _mm256_set1_ps(1.f));
+  return tanh_ps(v[0]);
 }
 
 struct D4 {
@@ -182,13 +180,10 @@ LF_INLINE X2<F8> exp(X2<F8> x) {
   exp_ps(v);
   return {v[0], v[1]};
 }
-LF_INLINE X2<F8> reciprocal(X2<F8> x) { return {reciprocal(x.a), reciprocal(x.b)}; }
 LF_INLINE X2<F8> tanh(X2<F8> x) {
   __m256 v[2] = {_mm256_mul_ps(x.a.v, _mm256_set1_ps(-2.f)), _mm256_mul_ps(x.b.v, _mm256_set1_ps(-2.f))};
   exp_ps(v);
-  const __m256 two = _mm256_set1_ps(2.f), one = _mm256_set1_ps(1.f);
-  return {_mm256_fmsub_ps(two, recip_ps(_mm256_add_ps(one, v[0])), one),
-          _mm256_fmsub_ps(two, recip_ps(_mm256_add_ps(one, v[1])), one)};
+  return {tanh_ps(v[0]), tanh_ps(v[1])};
 }
 LF_INLINE X2<D4> exp(X2<D4> x) { return {exp(x.a), exp(x.b)}; }
 LF_INLINE X2<D4> tanh(X2<D4> x) { return {tanh(x.a), tanh(x.b)}; }
