@@ -1,5 +1,6 @@
 """Shared test helpers: a pair of modules with the same weights, and a
 comparison of everything a forward+backward produces."""
+import contextlib
 import copy
 
 import torch
@@ -9,6 +10,17 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 import lstm_fused
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+
+
+@contextlib.contextmanager
+def num_threads(n):
+    """torch's intra-op thread count at n for the block, then as it was."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def pair(input_size, hidden_size, dtype=torch.float64, seed=0, **kw):

@@ -8,7 +8,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import lstm_fused
 from lstm_fused import ops, reference
-from helpers import compare, pair, run, run_packed
+from helpers import compare, num_threads, pair, run, run_packed
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no GPU"))]
@@ -155,9 +155,7 @@ def test_backward_in_eval_mode(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_bitwise_deterministic(device, dtype):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with num_threads(2):
         _, ours = pair(32, 64, dtype, num_layers=2, bidirectional=True, proj_size=16,
                        dropout=0.2)
         ours = ours.to(device)
@@ -168,5 +166,3 @@ def test_bitwise_deterministic(device, dtype):
             second = fn(ours, x, *extra, None, seed=3)
             assert len(first) == 3 + 1 + 20 and all(t is not None for t in first)
             assert all(torch.equal(a, b) for a, b in zip(first, second))
-    finally:
-        torch.set_num_threads(threads)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lstm_fused
-from helpers import compare, pair, run
+from helpers import compare, num_threads, pair, run
 
 F32, F64 = torch.float32, torch.float64
 
@@ -23,10 +23,8 @@ def rss_kb():
 @pytest.fixture
 def one_thread():
     """Tiny ops on a busy machine: intra-op threads only add waiting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with num_threads(1):
+        yield
 
 
 # ------------------------------------------------------------- NaN and Inf

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from helpers import compare, pair, run, run_packed
+from helpers import compare, num_threads, pair, run, run_packed
 
 F32, F64 = torch.float32, torch.float64
 
@@ -37,10 +37,8 @@ def _hx(ours, B, dtype):
 
 @pytest.fixture
 def two_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
+    with num_threads(2):
+        yield
 
 
 @pytest.mark.parametrize("dtype", [F64, F32], ids=str)
@@ -102,13 +100,9 @@ def test_bitwise_equal_across_thread_counts():
     ref, ours = pair(96, 80, F32, num_layers=2, bidirectional=True)
     x = torch.randn(12, 30, 96)
     results = []
-    n = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
+    for threads in (1, 2):
+        with num_threads(threads):
             results.append(run(ours, x, None))
-    finally:
-        torch.set_num_threads(n)
     for k, (u, v) in enumerate(zip(*results)):
         assert torch.equal(u, v), f"result {k}"
 

@@ -126,15 +126,18 @@ inline void tile_mr(int mr, int64_t K, const T* A, int64_t lda, const T* B, int6
   }
 }
 
-// Rows [b0, b1) of A [., K] (row stride lda), columns [k0, k0 + kc), as the
-// packed micro-panels of the tiles tile_rows makes of them, one after another.
+// Rows [b0, b1) and columns [k0, k0 + kc) of A, element (i, k) at
+// A[i*rs + k*cs] (rs = lda, cs = 1 for row-major A; rs = 1, cs = lda for A
+// stored transposed), as the packed micro-panels of the tiles tile_rows
+// makes of them, one after another.
 template <typename T>
-void pack_a(int64_t b0, int64_t b1, const T* A, int64_t lda, int64_t k0, int64_t kc, T* out) {
+void pack_a(int64_t b0, int64_t b1, const T* A, int64_t rs, int64_t cs, int64_t k0,
+            int64_t kc, T* out) {
   for (int64_t b = b0; b < b1;) {
     const int mr = tile_rows(b1 - b);
-    for (int r = 0; r < mr; ++r) {
-      const T* row = A + (b + r) * lda + k0;
-      for (int64_t k = 0; k < kc; ++k) out[k * mr + r] = row[k];
+    for (int64_t k = 0; k < kc; ++k) {
+      const T* src = A + b * rs + (k0 + k) * cs;
+      for (int r = 0; r < mr; ++r) out[k * mr + r] = src[r * rs];
     }
     out += mr * kc;
     b += mr;
@@ -148,22 +151,6 @@ inline void gemm_rows(int64_t b0, int64_t b1, int64_t K, const T* A, int64_t lda
   for (int64_t b = b0; b < b1;) {
     const int mr = tile_rows(b1 - b);
     tile_mr<V>(mr, K, A + b * lda, lda, B, ldb, C + b * ldc, ldc, nc, mode);
-    b += mr;
-  }
-}
-
-// The same for A stored transposed: the rows [b0, b1) of A = At^T, At [K, .]
-// with row stride ldat.
-template <typename T>
-void pack_a_t(int64_t b0, int64_t b1, const T* At, int64_t ldat, int64_t k0, int64_t kc,
-              T* out) {
-  for (int64_t b = b0; b < b1;) {
-    const int mr = tile_rows(b1 - b);
-    for (int64_t k = 0; k < kc; ++k) {
-      const T* src = At + (k0 + k) * ldat + b;
-      for (int r = 0; r < mr; ++r) out[k * mr + r] = src[r];
-    }
-    out += mr * kc;
     b += mr;
   }
 }
@@ -400,7 +387,7 @@ struct Forward {
       return;
     }
     const auto pack = [&](int64_t m0, int64_t m1, int64_t k0, int64_t kc, T* buf) {
-      pack_a(m0, m1, x, I, k0, kc, buf);
+      pack_a(m0, m1, x, I, 1, k0, kc, buf);
     };
     const auto panel = [&](int64_t p) {
       const int64_t c = p / 4, q = p % 4, col = q * H + c * NR;
@@ -669,7 +656,7 @@ struct Backward {
 #pragma omp barrier
     T* ablk = apack + tid * kMC * kKC;
     const auto rows = [&](int64_t m0, int64_t m1, int64_t k0, int64_t kc, T* buf) {
-      pack_a(m0, m1, dgates, G, k0, kc, buf);
+      pack_a(m0, m1, dgates, G, 1, k0, kc, buf);
     };
     const auto dx = [&](int64_t p) {
       const T* b = packed ? pwih + p * G * NR : a.w_ih + p * NR;
@@ -677,7 +664,7 @@ struct Backward {
     };
     gemm_blocks<V>(nt, tid, N, G, rows, ic, dx, ablk);
     const auto cols = [&](int64_t m0, int64_t m1, int64_t k0, int64_t kc, T* buf) {
-      pack_a_t(m0, m1, dgates, G, k0, kc, buf);
+      pack_a(m0, m1, dgates, 1, G, k0, kc, buf);
     };
     const auto dw = [&](int64_t p) {
       const T* b = pxh + p * N * NR;
