@@ -330,3 +330,62 @@ def test_half_within_2x_cudnn_error(cfg, dtype):
             bad.append(f"{name}: ours {eo:.3g} > 2 x nn.LSTM {et:.3g} + {floor:.3g}")
     record(dtype, "half-" + cfg_id(cfg), worst_ours, worst_theirs)
     assert not bad, "; ".join(bad)
+
+
+@cuda_only
+def test_memory_flat_over_many_calls():
+    """2,000 forward+backward calls leave torch.cuda.memory_allocated where the
+    warm-up left it: nothing a call allocates outlives it."""
+    torch.manual_seed(0)
+    m = lstm_fused.LSTM(8, 32, num_layers=2, bidirectional=True, proj_size=16).to(DEVICE)
+    x = torch.randn(10, 4, 8, device=DEVICE, requires_grad=True)
+
+    def step():
+        out, (h, c) = m(x)
+        (out.sum() + h.sum() + c.sum()).backward()
+        m.zero_grad(set_to_none=True)
+        x.grad = None
+
+    for _ in range(20):
+        step()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for _ in range(2000):
+        step()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
+
+
+@cuda_only
+def test_four_threads_match_serial_bitwise():
+    """Forward and backward from 4 Python threads at once, as in serial."""
+    import threading
+    torch.manual_seed(0)
+    m = lstm_fused.LSTM(5, 8, num_layers=2, bidirectional=True).to(DEVICE)
+    inputs = [torch.randn(20, 3, 5, generator=torch.Generator().manual_seed(k)).to(DEVICE)
+              for k in range(4)]
+
+    def work(x):
+        x = x.clone().requires_grad_(True)
+        out, (h, c) = m(x)
+        grads = torch.autograd.grad(out.square().sum() + h.sum() + c.sum(), [x, *m.parameters()])
+        return [out.detach(), h.detach(), c.detach(), *grads]
+
+    serial = [work(x) for x in inputs]
+    results, errors = [None] * 4, []
+
+    def thread(k):
+        try:
+            results[k] = work(inputs[k])
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+    threads = [threading.Thread(target=thread, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    torch.cuda.synchronize()
+    assert not errors, errors
+    for k in range(4):
+        for u, v in zip(results[k], serial[k]):
+            assert torch.equal(u, v), f"thread {k}"
