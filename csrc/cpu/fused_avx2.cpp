@@ -2,13 +2,20 @@
 // whole; lstm_cpu.cpp calls in only after checking the processor. Nothing
 // here allocates or uses the standard library's templates, so no code built
 // for AVX2 can be shared with (and run by) the generic translation units.
+// Other architectures get stubs that are never called.
+#include "fused.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
 #pragma GCC target("avx2,fma")
+#endif
 #include <omp.h>
 
 #include <cstring>
 
 #include "../lstm_cell.h"
-#include "fused.h"
 #include "simd_avx2.h"
 
 namespace lstm_fused::cpu {
@@ -843,6 +850,31 @@ int fused_threads(const LayerDims& d, int max) {
 
 bool fused_double_math() { return avx2::have_double_math(); }
 
+}  // namespace lstm_fused::cpu
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif
+
+#else  // not x86-64: fused_available() is false, so none of these is called
+
+namespace lstm_fused::cpu {
+template <typename T>
+FusedSizes fused_sizes(const LayerDims&, bool, bool, int) { return {0, 0}; }
+template <typename T>
+void fused_forward(const LayerDims&, const int64_t*, const ForwardArgs<T>&, T*, int) {}
+template <typename T>
+void fused_backward(const LayerDims&, const int64_t*, const BackwardArgs<T>&, T*, T*, T*,
+                    int) {}
+template <typename T>
+void fused_hidden(const T*, const T*, int64_t, int64_t, T*) {}
+int fused_threads(const LayerDims&, int) { return 1; }
+bool fused_double_math() { return false; }
+}  // namespace lstm_fused::cpu
+
+#endif
+
+namespace lstm_fused::cpu {
 template FusedSizes fused_sizes<float>(const LayerDims&, bool, bool, int);
 template FusedSizes fused_sizes<double>(const LayerDims&, bool, bool, int);
 template void fused_hidden<float>(const float*, const float*, int64_t, int64_t, float*);
