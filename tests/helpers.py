@@ -2,6 +2,7 @@
 comparison of everything a forward+backward produces."""
 import contextlib
 import copy
+import threading
 
 import torch
 from torch import nn
@@ -92,3 +93,42 @@ def compare(ref_results, our_results, dtype):
 
 def clone(module):
     return copy.deepcopy(module)
+
+
+def lstm_work(module):
+    """A forward and backward of module as a function of its input: the
+    outputs and the gradients of the input and every parameter."""
+    def work(x):
+        x = x.clone().requires_grad_(True)
+        out, (h, c) = module(x)
+        grads = torch.autograd.grad(out.square().sum() + h.sum() + c.sum(),
+                                    [x, *module.parameters()])
+        return [out.detach(), h.detach(), c.detach(), *grads]
+    return work
+
+
+def assert_threads_match_serial(work, inputs, rounds=1):
+    """work(inputs[k]) from len(inputs) threads at once, `rounds` times each,
+    bitwise equal to the same calls one after another."""
+    serial = [work(x) for x in inputs]
+    results = [[None] * len(inputs) for _ in range(rounds)]
+    barrier = threading.Barrier(len(inputs))
+    errors = []
+
+    def thread(k):
+        try:
+            barrier.wait()
+            for r in range(rounds):
+                results[r][k] = work(inputs[k])
+        except Exception as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+    threads = [threading.Thread(target=thread, args=(k,)) for k in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for r in range(rounds):
+        for k, expected in enumerate(serial):
+            for u, v in zip(results[r][k], expected):
+                assert torch.equal(u, v), f"round {r}, thread {k}"

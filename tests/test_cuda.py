@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import lstm_fused
-from helpers import compare, pair
+from helpers import assert_threads_match_serial, compare, lstm_work, pair
 from test_parity import CONFIGS
 
 DEVICE = os.environ.get("LSTM_FUSED_TEST_DEVICE", "cuda")
@@ -359,33 +359,8 @@ def test_memory_flat_over_many_calls():
 @cuda_only
 def test_four_threads_match_serial_bitwise():
     """Forward and backward from 4 Python threads at once, as in serial."""
-    import threading
     torch.manual_seed(0)
     m = lstm_fused.LSTM(5, 8, num_layers=2, bidirectional=True).to(DEVICE)
     inputs = [torch.randn(20, 3, 5, generator=torch.Generator().manual_seed(k)).to(DEVICE)
               for k in range(4)]
-
-    def work(x):
-        x = x.clone().requires_grad_(True)
-        out, (h, c) = m(x)
-        grads = torch.autograd.grad(out.square().sum() + h.sum() + c.sum(), [x, *m.parameters()])
-        return [out.detach(), h.detach(), c.detach(), *grads]
-
-    serial = [work(x) for x in inputs]
-    results, errors = [None] * 4, []
-
-    def thread(k):
-        try:
-            results[k] = work(inputs[k])
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
-    threads = [threading.Thread(target=thread, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    torch.cuda.synchronize()
-    assert not errors, errors
-    for k in range(4):
-        for u, v in zip(results[k], serial[k]):
-            assert torch.equal(u, v), f"thread {k}"
+    assert_threads_match_serial(lstm_work(m), inputs, rounds=3)

@@ -2,7 +2,6 @@
 very long sequences and wide layers; threads; bit-identical reruns."""
 import gc
 import re
-import threading
 import time
 import weakref
 
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 import lstm_fused
-from helpers import compare, num_threads, pair, run
+from helpers import assert_threads_match_serial, compare, lstm_work, num_threads, pair, run
 
 F32, F64 = torch.float32, torch.float64
 
@@ -261,36 +260,7 @@ def test_four_threads_match_serial_bitwise():
     m = lstm_fused.LSTM(5, 8, num_layers=2, bidirectional=True, proj_size=3)
     inputs = [torch.randn(20, 3, 5, generator=torch.Generator().manual_seed(k))
               for k in range(4)]
-
-    def work(x):
-        x = x.clone().requires_grad_(True)
-        out, (h, c) = m(x)
-        loss = out.square().sum() + h.sum() + c.sum()
-        grads = torch.autograd.grad(loss, [x, *m.parameters()])
-        return [out.detach(), h.detach(), c.detach(), *grads]
-
-    serial = [work(x) for x in inputs]
-    results = [[None] * 4 for _ in range(10)]
-    barrier = threading.Barrier(4)
-    errors = []
-
-    def thread(k):
-        try:
-            barrier.wait()
-            for r in range(10):
-                results[r][k] = work(inputs[k])
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
-    threads = [threading.Thread(target=thread, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    for r in range(10):
-        for k in range(4):
-            for u, v in zip(results[r][k], serial[k]):
-                assert torch.equal(u, v), f"round {r}, thread {k}"
+    assert_threads_match_serial(lstm_work(m), inputs, rounds=10)
 
 
 # ---------------------------------------------------------- determinism

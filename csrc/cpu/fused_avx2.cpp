@@ -241,27 +241,17 @@ LF_INLINE void dot_rows(int64_t K, const T* a, const T* w, int64_t count, T* out
 
 // ----------------------------------------------------------------- panels
 //
-// A weight w [4H, K] as panels of w^T for the microkernel: panel c*4 + q is
-// [K, NR] row-major and holds the rows q*H + c*NR .. + NR of w (gate q of the
-// units of chunk c) as its columns, zero past H. The four gates of a chunk
-// are adjacent, so a step reads one chunk's weights contiguously.
-template <typename T, int NR>
-void pack_panel(const T* w, int64_t H, int64_t K, int64_t c, int q, T* out) {
-  const int64_t u0 = c * NR, count = imin(NR, H - u0);
-  const T* src = w + (q * H + u0) * K;
-  for (int64_t j = 0; j < count; ++j)
-    for (int64_t k = 0; k < K; ++k) out[k * NR + j] = src[j * K + k];
-  for (int64_t j = count; j < NR; ++j)
-    for (int64_t k = 0; k < K; ++k) out[k * NR + j] = T(0);
-}
-
-// Rows [r0, r1) of w^T panels for plain matrices w [N, K] (N columns of w^T in
-// NR-wide panels): used for W_hr^T.
+// Panel c of w^T for a row-major w [N, K]: out[k*NR + j] = w[(c*NR + j)*K + k],
+// zero past N. A gate weight w [4H, K] is packed as panels c*4 + q of its gate
+// q's rows (w + q*H*K, N = H): the four gates of a chunk of units are
+// adjacent, so a step reads one chunk's weights contiguously.
 template <typename T, int NR>
 void pack_rows_panel(const T* w, int64_t N, int64_t K, int64_t c, T* out) {
   const int64_t j0 = c * NR, count = imin(NR, N - j0);
-  for (int64_t j = 0; j < NR; ++j)
-    for (int64_t k = 0; k < K; ++k) out[k * NR + j] = j < count ? w[(j0 + j) * K + k] : T(0);
+  for (int64_t j = 0; j < count; ++j)
+    for (int64_t k = 0; k < K; ++k) out[k * NR + j] = w[(j0 + j) * K + k];
+  for (int64_t j = count; j < NR; ++j)
+    for (int64_t k = 0; k < K; ++k) out[k * NR + j] = T(0);
 }
 
 // Column panel c of a row-major matrix m [K, N]: out[k*NR + j] = m[k*N +
@@ -369,10 +359,10 @@ struct Forward {
   void pack(int nt, int tid) {
     if (pack_ih)
       for (int64_t p = tid; p < chunks * 4; p += nt)
-        pack_panel<T, NR>(a.w_ih, H, I, p / 4, int(p % 4), pih + p * I * NR);
+        pack_rows_panel<T, NR>(a.w_ih + (p % 4) * H * I, H, I, p / 4, pih + p * I * NR);
     if (pack_hh)
       for (int64_t p = tid; p < chunks * 4; p += nt)
-        pack_panel<T, NR>(a.w_hh, H, P, p / 4, int(p % 4), phh + p * P * NR);
+        pack_rows_panel<T, NR>(a.w_hh + (p % 4) * H * P, H, P, p / 4, phh + p * P * NR);
     if (proj)
       for (int64_t c = tid; c < pchunks; c += nt)
         pack_rows_panel<T, NR>(a.w_hr, P, H, c, phr + c * H * NR);
