@@ -1,7 +1,17 @@
 """lstm_fused: a fused LSTM for PyTorch, a drop-in for torch.nn.LSTM."""
-from . import ops  # noqa: F401  (loads the kernels and registers the ops)
+from . import ops  # noqa: F401  (imports torch, loads the kernels, registers the ops)
+from . import _C
 from .modules import LSTM
 from .cell import LSTMCell
 
-__all__ = ["LSTM", "ops", "LSTMCell"]
+
+def cpu_isa():
+    """The instruction set the CPU kernels run on this machine: "avx512",
+    "avx2" or "generic" (BLAS GEMMs and a scalar cell). Chosen once per
+    process; LSTM_FUSED_CPU_ISA=avx2 or =generic, set before the first call,
+    picks a lower one."""
+    return _C.cpu_isa()
+
+
+__all__ = ["LSTM", "LSTMCell", "cpu_isa", "ops"]
 __version__ = "0.1.0"

@@ -175,13 +175,14 @@ def environment(device, tf32):
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no")
     threads = torch.get_num_threads()
+    isa = lstm_fused.cpu_isa()  # the CPU kernels' instruction set: avx512, avx2, generic
     has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(
         "lstm_fused::layer_forward", {"cpu": "CPU", "cuda": "CUDA"}[device.type])
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": commit, "git_dirty": None if status is None else bool(status),
-        "machine": _slug(name) if cuda else _slug(f"cpu {name} {threads}t"),
-        "device": device.type, "device_name": name, "cpu_model": _cpu_model(),
+        "machine": _slug(name) if cuda else _slug(f"cpu {name} {isa} {threads}t"),
+        "device": device.type, "device_name": name, "cpu_model": _cpu_model(), "cpu_isa": isa,
         "cpu_count": os.cpu_count(), "threads": threads,
         "python": platform.python_version(), "platform": platform.platform(),
         "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -579,7 +580,8 @@ def markdown(result):
                                 f", CUDA {env['cuda']}, cuDNN {env['cudnn']}")
     cfg = result["config"]
     return (f"# lstm_fused benchmark: {env['machine']}\n\n"
-            f"{dev}; CPU {env['cpu_model']}, {env['threads']} thread(s); torch {env['torch']}; "
+            f"{dev}; CPU {env['cpu_model']} ({env.get('cpu_isa', '?')} kernels), {env['threads']} "
+            f"thread(s); torch {env['torch']}; "
             f"commit {(env['git_commit'] or 'unknown')[:10]}{' (dirty)' if env['git_dirty'] else ''}; "
             f"{env['date']}; TF32 {'on' if env['tf32'] else 'off'}.\n"
             f"Median ± half the interquartile range of {cfg['repeats']} interleaved runs after "

@@ -18,7 +18,7 @@ REPEATS = 2
 ROOT = Path(__file__).resolve().parent.parent
 STAT_KEYS = ("median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms")
 ENV_KEYS = {"date": str, "machine": str, "device": str, "device_name": str, "cpu_model": str,
-            "cpu_count": int, "threads": int, "python": str, "platform": str, "torch": str,
+            "cpu_isa": str, "cpu_count": int, "threads": int, "python": str, "platform": str, "torch": str,
             "lstm_fused": str, "ours_kernel": bool, "has_lstmcell": bool, "tf32": bool}
 TOL = {"fp64": 1e-10, "fp32": 1e-5}
 

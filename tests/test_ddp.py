@@ -3,6 +3,7 @@ separately, nn.LSTM from the same start on the same data; the weights match."""
 import datetime
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -56,6 +57,12 @@ def train(rank, port, out_dir):
                 torch.save(model.module.state_dict(), os.path.join(out_dir, name + ".pt"))
     finally:
         dist.destroy_process_group()
+    # Done: leave at once. The interpreter's own exit can abort in gloo's
+    # teardown ("terminate called without an active exception", seen once in
+    # a full run), after everything here has finished.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ddp(out_dir):

@@ -1,15 +1,19 @@
 """The CPU kernel paths at sizes that cross their tiles: register tiles of 6
-rows and 16 units (8 for float64), row blocks of 96, K blocks of 256, batch 1
-(W read in place), one-step calls (batch in vector lanes), short calls whose
-backward reads W in place and long ones that pack it, two threads, the
-inference path that keeps nothing for backward, and the generic (BLAS) path
-that processors without AVX2 take."""
+rows and 16 units with AVX2 or 32 with AVX-512 (half for float64), row blocks
+of 96, K blocks of 128 and 256, batch 1 (W read in place), one-step calls
+(batch in vector lanes), short calls whose backward reads W in place and long
+ones that pack it, two threads, the inference path that keeps nothing for
+backward; and, in subprocesses, the lower instruction sets this processor can
+also run: AVX2 where it has AVX-512, and the generic (BLAS) path that
+processors without AVX2 take."""
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+
+import lstm_fused
 
 from helpers import compare, num_threads, pair, run, run_packed
 
@@ -25,6 +29,7 @@ SHAPES = [
     (4, 33, 290, 100, {"num_layers": 2}),      # K blocks of 256 and a tail
     (2, 97, 20, 16, {}),                       # two row blocks of 96 rows
     (5, 8, 16, 130, {"proj_size": 33, "bias": False}),
+    (6, 14, 140, 70, {}),                      # AVX-512: chunks 32+32+6, K 128+12
 ]
 
 
@@ -107,15 +112,55 @@ def test_bitwise_equal_across_thread_counts():
         assert torch.equal(u, v), f"result {k}"
 
 
-@pytest.mark.skipif(os.environ.get("LSTM_FUSED_CPU_GENERIC") == "1", reason="already generic")
-def test_generic_path():
-    """The BLAS path, as on a processor without AVX2: this file and the
-    parity suite in a process with LSTM_FUSED_CPU_GENERIC=1."""
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def _forced():
+    return (os.environ.get("LSTM_FUSED_CPU_GENERIC", "0") not in ("", "0")
+            or bool(os.environ.get("LSTM_FUSED_CPU_ISA")))
+
+
+@pytest.mark.skipif(_cpu_flags() is None or _forced(), reason="no /proc/cpuinfo, or ISA forced")
+def test_isa_is_the_best_the_processor_has():
+    flags = _cpu_flags()
+    if flags >= {"avx512f", "avx512dq", "avx512bw", "avx512vl", "avx2", "fma"}:
+        want = "avx512"
+    elif flags >= {"avx2", "fma"}:
+        want = "avx2"
+    else:
+        want = "generic"
+    assert lstm_fused.cpu_isa() == want
+
+
+def _isa_env(isa):
+    if isa == "generic":
+        return {"LSTM_FUSED_CPU_GENERIC": "1"}
+    return {"LSTM_FUSED_CPU_ISA": isa}
+
+
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_lower_isa(isa):
+    """A lower instruction set than this process's, as on a processor that
+    has only that: this file and the parity suite in a subprocess."""
+    order = ["generic", "avx2", "avx512"]
+    if order.index(isa) >= order.index(lstm_fused.cpu_isa()):
+        pytest.skip(f"this process already runs {lstm_fused.cpu_isa()}")
     here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, LSTM_FUSED_CPU_GENERIC="1")
+    env = dict(os.environ, **_isa_env(isa))
+    code = "import lstm_fused; print(lstm_fused.cpu_isa())"
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert got.stdout.strip() == isa, got.stderr
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
            os.path.join(here, "test_kernels.py"), os.path.join(here, "test_parity.py"),
-           "-k", "not generic_path and not random_grid"]
+           "-k", "not lower_isa and not random_grid"]
     proc = subprocess.run(cmd, cwd=here, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout

@@ -1,9 +1,10 @@
-// The fused CPU kernels for processors with AVX2 + FMA (fused_avx2.cpp):
+// The fused CPU kernels for processors with AVX-512 (fused_avx512.cpp) or
+// AVX2 + FMA (fused_avx2.cpp), the same code (fused_engine.h) for both:
 // one parallel region per layer call, in which the threads pack the weights
 // into panels, run the input projection as one GEMM, then walk the steps with
 // one barrier per step (two with a projection). Each thread owns a fixed
 // range of hidden units: per step it computes its units' four gate columns of
-// h_{t-1} W_hh^T with a 6x16 register-tiled microkernel (6x8 for double),
+// h_{t-1} W_hh^T with a register-tiled microkernel (6 rows by two vectors),
 // straight into the gate rows, and applies the cell (lstm_cell.h) to them
 // while they are in L1. Batch 1 reads W_hh in place (dot products) instead of
 // packing it. Backward mirrors it, then runs dx and the weight gradients as
@@ -18,12 +19,17 @@
 
 namespace lstm_fused::cpu {
 
-// True when this processor can run the fused kernels for T (lstm_cpu.cpp:
-// AVX2 and FMA, and for double PyTorch's SLEEF exp/tanh). Every function
-// below may be called only when it is.
+// True when this processor can run the fused kernels for T (AVX2 and FMA at
+// least, and for double PyTorch's SLEEF exp/tanh). Every function below but
+// fused_isa may be called only when it is.
 template <typename T>
 bool fused_available();
-bool fused_double_math();  // the SLEEF routines double uses are there
+
+// The instruction set the fused kernels use: "avx512", "avx2", or "generic"
+// (none: the BLAS path of lstm_cpu.cpp). The environment variable
+// LSTM_FUSED_CPU_ISA=avx2 or =generic (or LSTM_FUSED_CPU_GENERIC=1) picks a
+// lower one, read once.
+const char* fused_isa();
 
 // Buffer sizes, in elements of T, for a layer call (proj: w_hr given; save:
 // forward keeps activations and cells) on at most `threads` threads.
@@ -58,5 +64,24 @@ void fused_hidden(const T* gates, const T* cells, int64_t N, int64_t H, T* out);
 
 // How many threads a layer call is worth (1 for tiny layers), at most `max`.
 int fused_threads(const LayerDims& d, int max);
+
+// One instruction set's kernels (the functions above, less the dispatch).
+template <typename T>
+struct FusedKernels {
+  FusedSizes (*sizes)(const LayerDims&, bool proj, bool save, int threads);
+  void (*forward)(const LayerDims&, const int64_t*, const ForwardArgs<T>&, T*, int);
+  void (*backward)(const LayerDims&, const int64_t*, const BackwardArgs<T>&, T*, T*, T*, int);
+  void (*hidden)(const T*, const T*, int64_t, int64_t, T*);
+};
+namespace avx2 {
+template <typename T>
+FusedKernels<T> kernels();
+bool double_math();  // the SLEEF routines double uses are there
+}  // namespace avx2
+namespace avx512 {
+template <typename T>
+FusedKernels<T> kernels();
+bool double_math();
+}  // namespace avx512
 
 }  // namespace lstm_fused::cpu

@@ -1,5 +1,6 @@
-// CPU layer kernels. On processors with AVX2 + FMA the recurrence runs in the
-// fused kernels (fused.h); elsewhere (or with LSTM_FUSED_CPU_GENERIC=1) in the
+// CPU layer kernels. On processors with AVX2 + FMA (or AVX-512) the recurrence
+// runs in the fused kernels (fused.h); elsewhere (or with
+// LSTM_FUSED_CPU_GENERIC=1 / LSTM_FUSED_CPU_ISA=generic) in the
 // generic path below: the input projection of all steps is one BLAS GEMM, then
 // per step one GEMM adds h_{t-1} W_hh^T into that step's rows of the gate
 // buffer and one pass over those rows applies the cell (lstm_cell.h).
@@ -20,26 +21,6 @@
 #include "fused.h"
 
 namespace lstm_fused::cpu {
-
-template <>
-bool fused_available<float>() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const bool ok = [] {
-    const char* env = std::getenv("LSTM_FUSED_CPU_GENERIC");
-    if (env != nullptr && env[0] != '\0' && env[0] != '0') return false;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return ok;
-#else
-  return false;
-#endif
-}
-
-template <>
-bool fused_available<double>() {
-  static const bool ok = fused_available<float>() && fused_double_math();
-  return ok;
-}
 
 namespace {
 

@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "simd_pair.h"
+
 extern "C" {
 // SLEEF's 1-ulp routines, exported by PyTorch's CPU library.
 __m256d Sleef_expd4_u10avx2(__m256d) __attribute__((weak));
@@ -41,10 +43,10 @@ struct F8 {
   LF_INLINE void store(float* p, int64_t n) const {
     if (n >= width) _mm256_storeu_ps(p, v); else _mm256_maskstore_ps(p, mask(n), v);
   }
-  // Sum of all lanes of each of a..h, as one vector (lane k = sum of the k-th).
-  static LF_INLINE F8 sums(F8 a, F8 b, F8 c, F8 d, F8 e, F8 f, F8 g, F8 h) {
-    const __m256 ab = _mm256_hadd_ps(a.v, b.v), cd = _mm256_hadd_ps(c.v, d.v);
-    const __m256 ef = _mm256_hadd_ps(e.v, f.v), gh = _mm256_hadd_ps(g.v, h.v);
+  // Lane k of the result: the sum of all lanes of s[k].
+  static LF_INLINE F8 sums(const F8 (&s)[8]) {
+    const __m256 ab = _mm256_hadd_ps(s[0].v, s[1].v), cd = _mm256_hadd_ps(s[2].v, s[3].v);
+    const __m256 ef = _mm256_hadd_ps(s[4].v, s[5].v), gh = _mm256_hadd_ps(s[6].v, s[7].v);
     const __m256 abcd = _mm256_hadd_ps(ab, cd), efgh = _mm256_hadd_ps(ef, gh);
     // abcd = [a0123 b0123 c0123 d0123 | a4567 ...]: add the two halves.
     const __m256 lo = _mm256_permute2f128_ps(abcd, efgh, 0x20);
@@ -98,6 +100,11 @@ LF_INLINE F8 exp(F8 a) {
   exp_ps(v);
   return v[0];
 }
+LF_INLINE void exp_pair(F8& a, F8& b) {
+  __m256 v[2] = {a.v, b.v};
+  exp_ps(v);
+  a = v[0], b = v[1];
+}
 // tanh(a) = 2 / (1 + exp(-2a)) - 1: within a few float ulps of 1 in absolute
 // terms (the scale of the cell), and exactly ±1 where tanh saturates.
 LF_INLINE __m256 tanh_ps(__m256 e) {  // from e = exp(-2a)
@@ -108,6 +115,11 @@ LF_INLINE F8 tanh(F8 a) {
   __m256 v[1] = {_mm256_mul_ps(a.v, _mm256_set1_ps(-2.f))};
   exp_ps(v);
   return tanh_ps(v[0]);
+}
+LF_INLINE void tanh_pair(F8& a, F8& b) {
+  __m256 v[2] = {_mm256_mul_ps(a.v, _mm256_set1_ps(-2.f)), _mm256_mul_ps(b.v, _mm256_set1_ps(-2.f))};
+  exp_ps(v);
+  a = tanh_ps(v[0]), b = tanh_ps(v[1]);
 }
 
 struct D4 {
@@ -131,9 +143,9 @@ struct D4 {
   LF_INLINE void store(double* p, int64_t n) const {
     if (n >= width) _mm256_storeu_pd(p, v); else _mm256_maskstore_pd(p, mask(n), v);
   }
-  // Sum of all lanes of each of a..d, as one vector (lane k = sum of the k-th).
-  static LF_INLINE D4 sums(D4 a, D4 b, D4 c, D4 d) {
-    const __m256d ab = _mm256_hadd_pd(a.v, b.v), cd = _mm256_hadd_pd(c.v, d.v);
+  // Lane k of the result: the sum of all lanes of s[k].
+  static LF_INLINE D4 sums(const D4 (&s)[4]) {
+    const __m256d ab = _mm256_hadd_pd(s[0].v, s[1].v), cd = _mm256_hadd_pd(s[2].v, s[3].v);
     // ab = [a01 b01 | a23 b23]
     const __m256d lo = _mm256_permute2f128_pd(ab, cd, 0x20);
     const __m256d hi = _mm256_permute2f128_pd(ab, cd, 0x31);
@@ -148,45 +160,10 @@ LF_INLINE D4 operator-(D4 a) { return _mm256_xor_pd(a.v, _mm256_set1_pd(-0.0)); 
 LF_INLINE D4 fma(D4 a, D4 b, D4 c) { return _mm256_fmadd_pd(a.v, b.v, c.v); }
 LF_INLINE D4 exp(D4 a) { return Sleef_expd4_u10avx2(a.v); }
 LF_INLINE D4 tanh(D4 a) { return Sleef_tanhd4_u10avx2(a.v); }
+LF_INLINE void exp_pair(D4& a, D4& b) { a = exp(a), b = exp(b); }
+LF_INLINE void tanh_pair(D4& a, D4& b) { a = tanh(a), b = tanh(b); }
 
 inline bool have_double_math() { return Sleef_expd4_u10avx2 && Sleef_tanhd4_u10avx2; }
-
-// Two vectors as one value (the 16 floats or 8 doubles of a chunk of units):
-// every operation is done on both, so the cell's long chains of dependent
-// operations come in independent pairs; float's exp runs them in lock-step.
-template <class V>
-struct X2 {
-  using scalar = typename V::scalar;
-  static constexpr int width = 2 * V::width;
-  V a, b;
-  X2() = default;
-  LF_INLINE X2(V x, V y) : a(x), b(y) {}
-  LF_INLINE X2(scalar s) : a(s), b(s) {}
-  static LF_INLINE X2 load(const scalar* p, int64_t n) {
-    return {V::load(p, n), V::load(p + V::width, n - V::width)};
-  }
-  LF_INLINE void store(scalar* p, int64_t n) const {
-    a.store(p, n);
-    b.store(p + V::width, n - V::width);
-  }
-};
-template <class V> LF_INLINE X2<V> operator+(X2<V> x, X2<V> y) { return {x.a + y.a, x.b + y.b}; }
-template <class V> LF_INLINE X2<V> operator-(X2<V> x, X2<V> y) { return {x.a - y.a, x.b - y.b}; }
-template <class V> LF_INLINE X2<V> operator*(X2<V> x, X2<V> y) { return {x.a * y.a, x.b * y.b}; }
-template <class V> LF_INLINE X2<V> operator/(X2<V> x, X2<V> y) { return {x.a / y.a, x.b / y.b}; }
-template <class V> LF_INLINE X2<V> operator-(X2<V> x) { return {-x.a, -x.b}; }
-LF_INLINE X2<F8> exp(X2<F8> x) {
-  __m256 v[2] = {x.a.v, x.b.v};
-  exp_ps(v);
-  return {v[0], v[1]};
-}
-LF_INLINE X2<F8> tanh(X2<F8> x) {
-  __m256 v[2] = {_mm256_mul_ps(x.a.v, _mm256_set1_ps(-2.f)), _mm256_mul_ps(x.b.v, _mm256_set1_ps(-2.f))};
-  exp_ps(v);
-  return {tanh_ps(v[0]), tanh_ps(v[1])};
-}
-LF_INLINE X2<D4> exp(X2<D4> x) { return {exp(x.a), exp(x.b)}; }
-LF_INLINE X2<D4> tanh(X2<D4> x) { return {tanh(x.a), tanh(x.b)}; }
 
 // The vector type of a scalar type.
 template <typename T> struct Vec;

@@ -1,0 +1,831 @@
+// The fused CPU kernels (fused.h), written once over a vector type V (F8 /
+// D4 for AVX2, F16 / D8 for AVX-512) with NR = 2 vectors per register-tile
+// row and per chunk of hidden units. Each instruction set's translation unit
+// (fused_avx2.cpp, fused_avx512.cpp) is compiled for it as a whole and
+// includes this file once, inside its own namespace, after naming its vector
+// namespace `simd`; fused.cpp calls in only after checking the processor.
+// Nothing here allocates or uses the standard library's templates, so no
+// code built for one instruction set is shared with (and run by) another
+// translation unit; the helpers below are in an unnamed namespace.
+//
+// Include only from those files: it has no include guard and opens no
+// namespace of its own.
+
+namespace {
+
+using simd::Vec;
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// [begin, end) of n items for thread tid of nt, in contiguous ranges.
+struct Range {
+  int64_t begin, end;
+};
+inline Range split(int64_t n, int nt, int tid) { return {n * tid / nt, n * (tid + 1) / nt}; }
+
+// The rows of the next register tile of the rows left: at most 6, balanced
+// (32 rows are 6+6+5+5+5+5, not 6*5+2).
+inline int tile_rows(int64_t left) {
+  const int64_t tiles = cdiv(left, 6);
+  return int(cdiv(left, tiles));
+}
+
+// ------------------------------------------------------------ microkernel
+//
+// C[MR, NR] (+)= A[MR, K] B[K, NR], NR = two vectors. A is row-major (row
+// stride lda), B has row stride ldb (NR for a packed panel, the matrix's
+// width when read in place). Only the first nc <= NR columns of C are
+// written. Mode: store, add to C, or add a bias row.
+enum Mode { kStore, kAdd, kBias };
+
+template <class V, typename T = typename V::scalar>
+LF_INLINE void put(T* c, V x0, V x1, int64_t nc, Mode mode, const T* bias) {
+  constexpr int W = V::width;
+  if (mode == kAdd) {
+    x0 = x0 + V::load(c, nc);
+    x1 = x1 + V::load(c + W, nc - W);
+  } else if (mode == kBias) {
+    x0 = x0 + V::load(bias, nc);
+    x1 = x1 + V::load(bias + W, nc - W);
+  }
+  x0.store(c, nc);
+  x1.store(c + W, nc - W);
+}
+
+#define LF_ROW(r)                                                      \
+  if constexpr (MR > r) {                                              \
+    const V a = V::bcast(PackedA ? A + k * MR + r : A + r * lda + k);  \
+    c##r##0 = simd::fma(a, b0, c##r##0);               \
+    c##r##1 = simd::fma(a, b1, c##r##1);               \
+  }
+#define LF_PUT(r) \
+  if constexpr (MR > r) put<V>(C + r * ldc, c##r##0, c##r##1, nc, mode, bias);
+
+// Partial: nc < NR, and B's columns past nc must not be read (B in place).
+// PackedA: A is a packed micro-panel, A(r, k) at A[k*MR + r] (lda unused).
+template <class V, int MR, bool Partial, bool PackedA, typename T = typename V::scalar>
+LF_INLINE void tile(int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                    int64_t ldc, int64_t nc, Mode mode, const T* bias) {
+  constexpr int W = V::width;
+  auto load = [nc](const T* p, int half) {
+    if constexpr (Partial) return V::load(p + half * W, nc - half * W);
+    else return V::load(p + half * W);
+  };
+  V c00 = V::zero(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
+    c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  int64_t k = 0;
+  if constexpr (MR == 1 && !PackedA) {
+    // One row has two chains of dependent FMAs: split k in two for four.
+    for (; k + 1 < K; k += 2) {
+      const T* b = B + k * ldb;
+      const V a0 = V::bcast(A + k), a1 = V::bcast(A + k + 1);
+      c00 = simd::fma(a0, load(b, 0), c00);
+      c01 = simd::fma(a0, load(b, 1), c01);
+      c10 = simd::fma(a1, load(b + ldb, 0), c10);
+      c11 = simd::fma(a1, load(b + ldb, 1), c11);
+    }
+    c00 = c00 + c10;
+    c01 = c01 + c11;
+  }
+  for (; k < K; ++k) {
+    const V b0 = load(B + k * ldb, 0), b1 = load(B + k * ldb, 1);
+    LF_ROW(0) LF_ROW(1) LF_ROW(2) LF_ROW(3) LF_ROW(4) LF_ROW(5)
+  }
+  LF_PUT(0) LF_PUT(1) LF_PUT(2) LF_PUT(3) LF_PUT(4) LF_PUT(5)
+}
+#undef LF_ROW
+#undef LF_PUT
+
+template <class V, bool Partial, bool PackedA, typename T = typename V::scalar>
+inline void tile_p(int mr, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                   int64_t ldc, int64_t nc, Mode mode, const T* bias) {
+  switch (mr) {
+    case 1: return tile<V, 1, Partial, PackedA>(K, A, lda, B, ldb, C, ldc, nc, mode, bias);
+    case 2: return tile<V, 2, Partial, PackedA>(K, A, lda, B, ldb, C, ldc, nc, mode, bias);
+    case 3: return tile<V, 3, Partial, PackedA>(K, A, lda, B, ldb, C, ldc, nc, mode, bias);
+    case 4: return tile<V, 4, Partial, PackedA>(K, A, lda, B, ldb, C, ldc, nc, mode, bias);
+    case 5: return tile<V, 5, Partial, PackedA>(K, A, lda, B, ldb, C, ldc, nc, mode, bias);
+    default: return tile<V, 6, Partial, PackedA>(K, A, lda, B, ldb, C, ldc, nc, mode, bias);
+  }
+}
+
+// tile<V, mr> for a run-time mr in 1..6 and nc in 1..NR; lda == 0: A packed.
+template <class V, typename T = typename V::scalar>
+inline void tile_mr(int mr, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                    int64_t ldc, int64_t nc, Mode mode, const T* bias = nullptr) {
+  const bool full = nc >= 2 * V::width;
+  if (lda == 0) {
+    if (full) tile_p<V, false, true>(mr, K, A, lda, B, ldb, C, ldc, nc, mode, bias);
+    else tile_p<V, true, true>(mr, K, A, lda, B, ldb, C, ldc, nc, mode, bias);
+  } else {
+    if (full) tile_p<V, false, false>(mr, K, A, lda, B, ldb, C, ldc, nc, mode, bias);
+    else tile_p<V, true, false>(mr, K, A, lda, B, ldb, C, ldc, nc, mode, bias);
+  }
+}
+
+// Rows [b0, b1) and columns [k0, k0 + kc) of A, element (i, k) at
+// A[i*rs + k*cs] (rs = lda, cs = 1 for row-major A; rs = 1, cs = lda for A
+// stored transposed), as the packed micro-panels of the tiles tile_rows
+// makes of them, one after another.
+template <typename T>
+void pack_a(int64_t b0, int64_t b1, const T* A, int64_t rs, int64_t cs, int64_t k0,
+            int64_t kc, T* out) {
+  for (int64_t b = b0; b < b1;) {
+    const int mr = tile_rows(b1 - b);
+    for (int64_t k = 0; k < kc; ++k) {
+      const T* src = A + b * rs + (k0 + k) * cs;
+      for (int r = 0; r < mr; ++r) out[k * mr + r] = src[r * rs];
+    }
+    out += mr * kc;
+    b += mr;
+  }
+}
+
+// C[rows, nc] (+)= A[rows, K] B[K, nc] for rows in [b0, b1), tile by tile.
+template <class V, typename T = typename V::scalar>
+inline void gemm_rows(int64_t b0, int64_t b1, int64_t K, const T* A, int64_t lda, const T* B,
+                      int64_t ldb, T* C, int64_t ldc, int64_t nc, Mode mode) {
+  for (int64_t b = b0; b < b1;) {
+    const int mr = tile_rows(b1 - b);
+    tile_mr<V>(mr, K, A + b * lda, lda, B, ldb, C + b * ldc, ldc, nc, mode);
+    b += mr;
+  }
+}
+
+// Row and K blocks of the big GEMMs: a packed block of A (per thread) stays
+// in L2 while each panel's K block (at most 16 KB, half of L1) is reused
+// from L1 by all the block's tiles. kKC is the longest K block.
+constexpr int64_t kMC = 96, kKC = 256;
+template <class V, typename T = typename V::scalar>
+constexpr int64_t k_block = 16384 / int64_t(2 * V::width * sizeof(T)) < kKC
+                                ? 16384 / int64_t(2 * V::width * sizeof(T))
+                                : kKC;
+
+// One NR-wide panel of B and where its columns go: B's row k at b + k*ldb
+// (ldb = NR when packed, the matrix's width when read in place), C (row
+// stride ldc), how many of the panel's columns are real, a bias row for them
+// (or null).
+template <typename T>
+struct Panel {
+  const T* b;
+  int64_t ldb;
+  T* c;
+  int64_t ldc, ncols;
+  const T* bias;
+};
+
+// C = A B for M rows, one thread's share: row blocks of kMC round-robin over
+// the team (or, for few rows, panels), K in blocks of kKC. panel(p) gives
+// panel p of np; pack(m0, m1, k0, kc, buf) packs A's block. The first K
+// block stores (adding the bias, if any), the others add.
+template <class V, class PackA, class PanelFn, typename T = typename V::scalar>
+void gemm_blocks(int nt, int tid, int64_t M, int64_t K, const PackA& pack, int64_t np,
+                 const PanelFn& panel, T* ablk) {
+  // Few rows: each thread takes a share of the panels for all rows (packing
+  // A twice); else a share of the row blocks for all panels.
+  const int groups = M >= 4 * nt * kMC ? 1 : nt, g = tid % groups;
+  const int64_t p0 = np * g / groups, p1 = np * (g + 1) / groups;
+  for (int64_t blk = tid / groups; blk * kMC < M; blk += nt / groups) {
+    const int64_t m0 = blk * kMC, m1 = imin(M, m0 + kMC);
+    for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += k_block<V>) {
+      const int64_t kc = imin(k_block<V>, K - k0);
+      pack(m0, m1, k0, kc, ablk);
+      for (int64_t p = p0; p < p1; ++p) {
+        const Panel<T> o = panel(p);
+        const Mode mode = k0 > 0 ? kAdd : o.bias ? kBias : kStore;
+        const T* bp = o.b + k0 * o.ldb;
+        const T* ap = ablk;
+        for (int64_t b = m0; b < m1;) {
+          const int mr = tile_rows(m1 - b);
+          tile_mr<V>(mr, kc, ap, 0, bp, o.ldb, o.c + b * o.ldc, o.ldc, o.ncols, mode, o.bias);
+          ap += mr * kc;
+          b += mr;
+        }
+      }
+    }
+  }
+}
+
+// --------------------------------------------------------- batch-1 kernel
+//
+// out[j] += dot(a[0, K), w[j * K, ...)) for the `count` <= width rows j of w
+// starting at w: W rows read in place, each once, vectorized over k.
+template <class V, typename T = typename V::scalar>
+LF_INLINE void dot_rows(int64_t K, const T* a, const T* w, int64_t count, T* out) {
+  constexpr int W = V::width;
+  const T* r[W];
+  for (int j = 0; j < W; ++j) r[j] = w + imin(j, count - 1) * K;  // spare lanes repeat a row
+  V s[W];
+  for (int j = 0; j < W; ++j) s[j] = V::zero();
+  int64_t k = 0;
+  for (; k + W <= K; k += W) {
+    const V x = V::load(a + k);
+    for (int j = 0; j < W; ++j) s[j] = simd::fma(x, V::load(r[j] + k), s[j]);
+  }
+  if (k < K) {
+    const V x = V::load(a + k, K - k);
+    for (int j = 0; j < W; ++j) s[j] = simd::fma(x, V::load(r[j] + k, K - k), s[j]);
+  }
+  (V::sums(s) + V::load(out, count)).store(out, count);
+}
+
+// ----------------------------------------------------------------- panels
+//
+// Panel c of w^T for a row-major w [N, K]: out[k*NR + j] = w[(c*NR + j)*K + k],
+// zero past N. A gate weight w [4H, K] is packed as panels c*4 + q of its gate
+// q's rows (w + q*H*K, N = H): the four gates of a chunk of units are
+// adjacent, so a step reads one chunk's weights contiguously.
+template <typename T, int NR>
+void pack_rows_panel(const T* w, int64_t N, int64_t K, int64_t c, T* out) {
+  const int64_t j0 = c * NR, count = imin(NR, N - j0);
+  for (int64_t j = 0; j < count; ++j)
+    for (int64_t k = 0; k < K; ++k) out[k * NR + j] = w[(j0 + j) * K + k];
+  for (int64_t j = count; j < NR; ++j)
+    for (int64_t k = 0; k < K; ++k) out[k * NR + j] = T(0);
+}
+
+// Column panel c of a row-major matrix m [K, N]: out[k*NR + j] = m[k*N +
+// c*NR + j], zero past N (W_hh as the B operand of dh = dgates W_hh).
+template <typename T, int NR>
+void pack_cols_panel(const T* m, int64_t K, int64_t N, int64_t c, T* out) {
+  const int64_t j0 = c * NR, count = imin(NR, N - j0);
+  for (int64_t k = 0; k < K; ++k) {
+    const T* row = m + k * N + j0;
+    T* o = out + k * NR;
+    for (int64_t j = 0; j < count; ++j) o[j] = row[j];
+    for (int64_t j = count; j < NR; ++j) o[j] = T(0);
+  }
+}
+
+// ------------------------------------------------------------------- cell
+//
+// The cell on rows [b0, b1) of a step for the units of chunk c (u0 = c*NR,
+// nc of them): gate pre-activations g (row b at g + b*G, gate q at +q*H),
+// running cells c_run [B, H] (updated), output h at h_out + b*ldh. With save,
+// the activations replace the pre-activations and c_t goes to cells.
+template <class V, typename T = typename V::scalar>
+LF_INLINE void cell_forward_rows(int64_t b0, int64_t b1, int64_t u0, int64_t nc, int64_t H,
+                                 T* g, T* c_run, T* cells, T* h_out, int64_t ldh) {
+  using C = X2<V>;  // a chunk of units: nc <= 2 vectors
+  const int64_t G = 4 * H;
+  for (int64_t b = b0; b < b1; ++b) {
+    T* gb = g + b * G + u0;
+    C i = C::load(gb, nc), f = C::load(gb + H, nc), gg = C::load(gb + 2 * H, nc),
+      o = C::load(gb + 3 * H, nc), c, h;
+    T* cr = c_run + b * H + u0;
+    cell_forward(i, f, gg, o, C::load(cr, nc), c, h);
+    c.store(cr, nc);
+    h.store(h_out + b * ldh + u0, nc);
+    if (cells != nullptr) {
+      c.store(cells + b * H + u0, nc);
+      i.store(gb, nc);
+      f.store(gb + H, nc);
+      gg.store(gb + 2 * H, nc);
+      o.store(gb + 3 * H, nc);
+    }
+  }
+}
+
+// Where the forward workspace's parts start (elements) and its size.
+struct ForwardLayout {
+  bool pack_ih, pack_hh;
+  int64_t chunk;  // steps per chunk of the input projection
+  int64_t pih, phh, phr, hpre, apack, ring, size;
+};
+template <int NR, typename T>
+ForwardLayout forward_layout(const LayerDims& d, bool proj, bool save, int threads) {
+  ForwardLayout l;
+  const int64_t G = 4 * d.hidden, chunks = cdiv(d.hidden, NR);
+  l.pack_ih = d.rows >= 8;  // else the rows are dot products with W_ih in place
+  l.pack_hh = d.batch > 1;  // batch 1: dot products with W_hh in place
+  // The input projection runs a chunk of steps ahead of the recurrence, so
+  // the gates the steps read are still in cache: about 1 MB of them.
+  l.chunk = imax(1, imin(d.steps, (int64_t(1) << 20) / imax(1, d.batch * G * int64_t(sizeof(T)))));
+  l.pih = G;  // the combined bias comes first
+  l.phh = l.pih + (l.pack_ih ? chunks * 4 * d.input * NR : 0);
+  l.phr = l.phh + (l.pack_hh ? chunks * 4 * d.proj * NR : 0);
+  l.hpre = l.phr + (proj ? cdiv(d.proj, NR) * d.hidden * NR : 0);
+  l.apack = l.hpre + (proj ? d.batch * d.hidden : 0);
+  l.ring = l.apack + (l.pack_ih ? threads * kMC * kKC : 0);
+  // Without save the chunk's gates live here, not in a.gates.
+  l.size = l.ring + (save ? 0 : l.chunk * d.batch * G);
+  return l;
+}
+
+template <class V, typename T = typename V::scalar>
+struct Forward {
+  static constexpr int NR = 2 * V::width;
+  const LayerDims& d;
+  const int64_t* off;
+  const ForwardArgs<T>& a;
+  int64_t N, B, I, H, P, G, chunks, pchunks;
+  bool pack_ih, pack_hh, proj, save;
+  int64_t chunk;
+  T *bias, *pih, *phh, *phr, *hpre, *apack, *ring;
+
+  Forward(const LayerDims& d_, const int64_t* off_, const ForwardArgs<T>& a_, T* work,
+          int threads)
+      : d(d_), off(off_), a(a_) {
+    N = d.rows, B = d.batch, I = d.input, H = d.hidden, P = d.proj, G = 4 * H;
+    chunks = cdiv(H, NR);
+    pchunks = cdiv(P, NR);
+    proj = a.w_hr != nullptr;
+    save = a.cells != nullptr;
+    const ForwardLayout l = forward_layout<NR, T>(d, proj, save, threads);
+    pack_ih = l.pack_ih;
+    pack_hh = l.pack_hh;
+    chunk = l.chunk;
+    bias = work;
+    pih = work + l.pih;
+    phh = work + l.phh;
+    phr = work + l.phr;
+    hpre = work + l.hpre;
+    apack = work + l.apack;
+    ring = work + l.ring;
+  }
+
+  int64_t step_at(int64_t k) const { return d.reverse ? d.steps - 1 - k : k; }
+
+  void pack(int nt, int tid) {
+    if (pack_ih)
+      for (int64_t p = tid; p < chunks * 4; p += nt)
+        pack_rows_panel<T, NR>(a.w_ih + (p % 4) * H * I, H, I, p / 4, pih + p * I * NR);
+    if (pack_hh)
+      for (int64_t p = tid; p < chunks * 4; p += nt)
+        pack_rows_panel<T, NR>(a.w_hh + (p % 4) * H * P, H, P, p / 4, phh + p * P * NR);
+    if (proj)
+      for (int64_t c = tid; c < pchunks; c += nt)
+        pack_rows_panel<T, NR>(a.w_hr, P, H, c, phr + c * H * NR);
+    if (tid == 0)
+      for (int64_t j = 0; j < G; ++j)
+        bias[j] = (a.b_ih ? a.b_ih[j] : T(0)) + (a.b_hh ? a.b_hh[j] : T(0));
+  }
+
+  // gates = x W_ih^T + bias for the rows [r0, r1), into gx (row r0 first).
+  void input_projection(int nt, int tid, int64_t r0, int64_t r1, T* gx) {
+    const T* x = a.x + r0 * I;
+    if (!pack_ih) {
+      for (int64_t r = tid; r < r1 - r0; r += nt) {
+        T* g = gx + r * G;
+        std::memcpy(g, bias, sizeof(T) * G);
+        for (int64_t j = 0; j < G; j += V::width)
+          dot_rows<V>(I, x + r * I, a.w_ih + j * I, imin(V::width, G - j), g + j);
+      }
+      return;
+    }
+    const auto pack = [&](int64_t m0, int64_t m1, int64_t k0, int64_t kc, T* buf) {
+      pack_a(m0, m1, x, I, 1, k0, kc, buf);
+    };
+    const auto panel = [&](int64_t p) {
+      const int64_t c = p / 4, q = p % 4, col = q * H + c * NR;
+      return Panel<T>{pih + p * I * NR, NR, gx + col, G, imin(NR, H - c * NR), bias + col};
+    };
+    gemm_blocks<V>(nt, tid, r1 - r0, I, pack, chunks * 4, panel, apack + tid * kMC * kKC);
+  }
+
+  // gates rows [b0, b1) of this step += h_prev W_hh^T for chunk c, then the
+  // cell on them. h_prev row b is at hp + b*P.
+  void step_rows(int64_t b0, int64_t b1, int64_t c, const T* hp, T* g, T* cells, T* h_out,
+                 int64_t ldh) {
+    const int64_t u0 = c * NR, nc = imin(NR, H - u0);
+    if (!pack_hh) {  // batch 1: W_hh in place
+      for (int64_t b = b0; b < b1; ++b)
+        for (int q = 0; q < 4; ++q)
+          for (int64_t j = 0; j < nc; j += V::width)
+            dot_rows<V>(P, hp + b * P, a.w_hh + (q * H + u0 + j) * P, imin(V::width, nc - j),
+                        g + b * G + q * H + u0 + j);
+      cell_forward_rows<V>(b0, b1, u0, nc, H, g, a.c_n, cells, h_out, ldh);
+      return;
+    }
+    const T* panels = phh + c * 4 * P * NR;
+    for (int64_t b = b0; b < b1;) {
+      const int mr = tile_rows(b1 - b);
+      for (int q = 0; q < 4; ++q)
+        tile_mr<V>(mr, P, hp + b * P, P, panels + q * P * NR, NR, g + b * G + q * H + u0, G,
+                   nc, kAdd);
+      cell_forward_rows<V>(b, b + mr, u0, nc, H, g, a.c_n, cells, h_out, ldh);
+      b += mr;
+    }
+  }
+
+  void run(int nt, int tid) {
+    pack(nt, tid);
+#pragma omp barrier
+    const Range mine = split(chunks, nt, tid), pmine = split(pchunks, nt, tid);
+    for (int64_t k0 = 0; k0 < d.steps; k0 += chunk) {
+      // The chunk's steps are contiguous rows [r_lo, r_hi) in either direction.
+      const int64_t k1 = imin(d.steps, k0 + chunk);
+      const int64_t t_lo = imin(step_at(k0), step_at(k1 - 1)),
+                    t_hi = imax(step_at(k0), step_at(k1 - 1));
+      const int64_t r_lo = off[t_lo], r_hi = off[t_hi] + d.batch_sizes[t_hi];
+      T* gx = save ? a.gates + r_lo * G : ring;
+      input_projection(nt, tid, r_lo, r_hi, gx);
+#pragma omp barrier
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t t = step_at(k), n = d.batch_sizes[t], r0 = off[t];
+        // h_{t-1}: the previous step's rows of y, h0 for rows that start here.
+        const int64_t tp = k > 0 ? step_at(k - 1) : -1;
+        const int64_t n_prev = tp >= 0 ? imin(n, d.batch_sizes[tp]) : 0;
+        const T* y_prev = tp >= 0 ? a.y + off[tp] * P : nullptr;
+        T* g = gx + (r0 - r_lo) * G;
+        T* cells = save ? a.cells + r0 * H : nullptr;
+        T* h_out = proj ? hpre : a.y + r0 * P;
+        const int64_t ldh = proj ? H : P;
+        for (int64_t c = mine.begin; c < mine.end; ++c) {
+          if (n_prev > 0) step_rows(0, n_prev, c, y_prev, g, cells, h_out, ldh);
+          if (n_prev < n) step_rows(n_prev, n, c, a.h0, g, cells, h_out, ldh);
+        }
+        if (proj) {
+#pragma omp barrier
+          for (int64_t c = pmine.begin; c < pmine.end; ++c)
+            gemm_rows<V>(0, n, H, hpre, H, phr + c * H * NR, NR, a.y + r0 * P + c * NR, P,
+                         imin(NR, P - c * NR), kStore);
+        }
+#pragma omp barrier
+      }
+    }
+  }
+};
+
+// ------------------------------------------------------------- one step
+//
+// A call of one step (T = 1, batch > 1: a decoder's step): packing W would
+// cost more than the step, so the weights are read in place as the
+// microkernel's A operand (its 4 rows: the four gates of one unit, lda = H*K)
+// and x and h0 go transposed into batch panels [K, NR] as its B operand. Each
+// weight is read once for the whole batch, x W_ih^T and h0 W_hh^T add up in
+// the same registers, and the cell runs on the batch in vector lanes.
+template <class V, typename T = typename V::scalar>
+struct OneStep {
+  static constexpr int NR = 2 * V::width;
+  const LayerDims& d;
+  const ForwardArgs<T>& a;
+  int64_t B, I, H, P, G, nb;
+  bool proj;
+  T *xp, *hp, *hpre_t;  // panels of x^T, h0^T and (projection) h'^T
+
+  static int64_t size(const LayerDims& d, bool proj) {
+    const int64_t nb = cdiv(d.batch, NR);
+    return nb * NR * (d.input + d.proj + (proj ? d.hidden : 0));
+  }
+  OneStep(const LayerDims& d_, const ForwardArgs<T>& a_, T* work) : d(d_), a(a_) {
+    B = d.batch, I = d.input, H = d.hidden, P = d.proj, G = 4 * H;
+    nb = cdiv(B, NR);
+    proj = a.w_hr != nullptr;
+    xp = work;
+    hp = xp + nb * NR * I;
+    hpre_t = hp + nb * NR * P;
+  }
+
+  // Panel j of m^T for m [B, K]: out[k*NR + l] = m[(j*NR + l)*K + k], 0 past B.
+  void transpose_panel(const T* m, int64_t K, int64_t j, T* out) const {
+    const int64_t b0 = j * NR, nv = imin(NR, B - b0);
+    for (int64_t k = 0; k < K; ++k) {
+      T* o = out + k * NR;
+      for (int64_t l = 0; l < nv; ++l) o[l] = m[(b0 + l) * K + k];
+      for (int64_t l = nv; l < NR; ++l) o[l] = T(0);
+    }
+  }
+
+  void units(int64_t u0, int64_t u1) {
+    constexpr int W = V::width;
+    alignas(64) T acc[4 * NR];
+    alignas(64) T lane[NR];
+    for (int64_t u = u0; u < u1; ++u) {
+      for (int64_t j = 0; j < nb; ++j) {
+        const int64_t b0 = j * NR, nv = imin(NR, B - b0);
+        tile<V, 4, false, false, T>(I, a.w_ih + u * I, H * I, xp + j * NR * I, NR, acc, NR, NR,
+                                 kStore, nullptr);
+        tile<V, 4, false, false, T>(P, a.w_hh + u * P, H * P, hp + j * NR * P, NR, acc, NR, NR,
+                                 kAdd, nullptr);
+        for (int half = 0; half < 2; ++half) {
+          const int64_t l0 = half * W, n = nv - l0;
+          if (n <= 0) {  // no rows here: keep the panel's spare lanes zero
+            if (proj) V::zero().store(hpre_t + j * NR * H + u * NR + l0);
+            break;
+          }
+          V g[4];
+          for (int q = 0; q < 4; ++q) {
+            const T bias = (a.b_ih ? a.b_ih[q * H + u] : T(0)) + (a.b_hh ? a.b_hh[q * H + u] : T(0));
+            g[q] = V::load(acc + q * NR + l0) + V(bias);
+          }
+          for (int64_t l = 0; l < imin(n, W); ++l) lane[l] = a.c0[(b0 + l0 + l) * H + u];
+          V c, h;
+          cell_forward(g[0], g[1], g[2], g[3], V::load(lane, n), c, h);
+          const int64_t m = imin(n, W);
+          c.store(lane);
+          for (int64_t l = 0; l < m; ++l) a.c_n[(b0 + l0 + l) * H + u] = lane[l];
+          if (a.cells != nullptr) {
+            for (int64_t l = 0; l < m; ++l) a.cells[(b0 + l0 + l) * H + u] = lane[l];
+            for (int q = 0; q < 4; ++q) {
+              g[q].store(lane);
+              for (int64_t l = 0; l < m; ++l) a.gates[(b0 + l0 + l) * G + q * H + u] = lane[l];
+            }
+          }
+          if (proj) {
+            h.store(hpre_t + j * NR * H + u * NR + l0);
+          } else {
+            h.store(lane);
+            for (int64_t l = 0; l < m; ++l) a.y[(b0 + l0 + l) * P + u] = lane[l];
+          }
+        }
+      }
+    }
+  }
+
+  // y = h' W_hr^T for rows p0..p1 of W_hr: 6 rows of W_hr by a batch panel.
+  void project(int64_t p0, int64_t p1) {
+    alignas(64) T acc[6 * NR];
+    for (int64_t p = p0; p < p1;) {
+      const int mr = tile_rows(p1 - p);
+      for (int64_t j = 0; j < nb; ++j) {
+        const int64_t b0 = j * NR, nv = imin(NR, B - b0);
+        tile_mr<V>(mr, H, a.w_hr + p * H, H, hpre_t + j * NR * H, NR, acc, NR, NR, kStore);
+        for (int r = 0; r < mr; ++r)
+          for (int64_t l = 0; l < nv; ++l) a.y[(b0 + l) * P + p + r] = acc[r * NR + l];
+      }
+      p += mr;
+    }
+  }
+
+  void run(int nt, int tid) {
+    for (int64_t j = tid; j < 2 * nb; j += nt) {
+      if (j < nb) transpose_panel(a.x, I, j, xp + j * NR * I);
+      else transpose_panel(a.h0, P, j - nb, hp + (j - nb) * NR * P);
+    }
+#pragma omp barrier
+    const Range mine = split(H, nt, tid);
+    units(mine.begin, mine.end);
+    if (proj) {
+#pragma omp barrier
+      const Range pm = split(P, nt, tid);
+      project(pm.begin, pm.end);
+    }
+  }
+};
+
+// -------------------------------------------------------------- backward
+
+template <class V, typename T = typename V::scalar>
+struct Backward {
+  static constexpr int NR = 2 * V::width;
+  const LayerDims& d;
+  const int64_t* off;
+  const BackwardArgs<T>& a;
+  T *dgates, *dh_all, *dhp, *phh, *pwih, *pxh, *apack;
+  int64_t N, B, I, H, P, G, chunks, pchunks, ichunks;
+  bool proj, packed;
+
+  // Whether W_hh and W_ih are packed into panels: only when enough rows reuse
+  // them (a short call reads them in place, once).
+  static bool pack_w(const LayerDims& d) { return d.rows >= 2 * kMC; }
+
+  // Workspace: dh before the projection [B, H]; panels of W_hh's columns
+  // (for dh) and of W_ih's (for dx), if packed; of x's and h_{t-1}'s over
+  // all rows (for dW_ih, dW_hh); a block of A per thread.
+  static int64_t size(const LayerDims& d, bool proj, int threads) {
+    const int64_t G = 4 * d.hidden, pc = cdiv(d.proj, NR), ic = cdiv(d.input, NR);
+    return (proj ? d.batch * d.hidden : 0) + (pack_w(d) ? (pc + ic) * G * NR : 0) +
+           (ic + pc) * d.rows * NR + threads * kMC * kKC;
+  }
+  Backward(const LayerDims& d_, const int64_t* off_, const BackwardArgs<T>& a_, T* dg, T* dha,
+           T* work)
+      : d(d_), off(off_), a(a_), dgates(dg), dh_all(dha) {
+    N = d.rows, B = d.batch, I = d.input, H = d.hidden, P = d.proj, G = 4 * H;
+    chunks = cdiv(H, NR);
+    pchunks = cdiv(P, NR);
+    ichunks = cdiv(I, NR);
+    proj = a.w_hr != nullptr;
+    packed = pack_w(d);
+    dhp = work;
+    phh = dhp + (proj ? B * H : 0);
+    pwih = phh + (packed ? pchunks * G * NR : 0);
+    pxh = pwih + (packed ? ichunks * G * NR : 0);
+    apack = pxh + (ichunks + pchunks) * N * NR;
+  }
+
+  // Panel c of W_hh's columns (K = 4H rows), packed or in place.
+  const T* w_hh_panel(int64_t c, int64_t* ldb) const {
+    *ldb = packed ? NR : P;
+    return packed ? phh + c * G * NR : a.w_hh + c * NR;
+  }
+
+  // Columns [c*NR, +NR) of h_{t-1} for every row (y of the step before, or
+  // h0 where a row starts) as a panel [N, NR].
+  void pack_h_prev_panel(int64_t c, T* out) const {
+    const int64_t j0 = c * NR, count = imin(NR, P - j0);
+    for (int64_t k = 0; k < d.steps; ++k) {
+      const int64_t t = step_at(k), n = d.batch_sizes[t], r0 = off[t];
+      const int64_t tp = k > 0 ? step_at(k - 1) : -1;
+      const int64_t n_prev = tp >= 0 ? imin(n, d.batch_sizes[tp]) : 0;
+      for (int64_t b = 0; b < n; ++b) {
+        const T* src = (b < n_prev ? a.y + (off[tp] + b) * P : a.h0 + b * P) + j0;
+        T* o = out + (r0 + b) * NR;
+        for (int64_t j = 0; j < count; ++j) o[j] = src[j];
+        for (int64_t j = count; j < NR; ++j) o[j] = T(0);
+      }
+    }
+  }
+
+  // After the recurrence: dx = dgates W_ih and [dW_ih | dW_hh] = dgates^T
+  // [x | h_{t-1}], big GEMMs over all rows.
+  void weight_gradients(int nt, int tid) {
+    const int64_t ic = ichunks;
+    for (int64_t p = tid; p < 2 * ic + pchunks; p += nt) {
+      if (p < ic) {
+        if (packed) pack_cols_panel<T, NR>(a.w_ih, G, I, p, pwih + p * G * NR);
+      } else if (p < 2 * ic) {
+        pack_cols_panel<T, NR>(a.x, N, I, p - ic, pxh + (p - ic) * N * NR);
+      } else {
+        pack_h_prev_panel(p - 2 * ic, pxh + (p - ic) * N * NR);
+      }
+    }
+#pragma omp barrier
+    T* ablk = apack + tid * kMC * kKC;
+    const auto rows = [&](int64_t m0, int64_t m1, int64_t k0, int64_t kc, T* buf) {
+      pack_a(m0, m1, dgates, G, 1, k0, kc, buf);
+    };
+    const auto dx = [&](int64_t p) {
+      const T* b = packed ? pwih + p * G * NR : a.w_ih + p * NR;
+      return Panel<T>{b, packed ? NR : I, a.dx + p * NR, I, imin(NR, I - p * NR), nullptr};
+    };
+    gemm_blocks<V>(nt, tid, N, G, rows, ic, dx, ablk);
+    const auto cols = [&](int64_t m0, int64_t m1, int64_t k0, int64_t kc, T* buf) {
+      pack_a(m0, m1, dgates, 1, G, k0, kc, buf);
+    };
+    const auto dw = [&](int64_t p) {
+      const T* b = pxh + p * N * NR;
+      if (p < ic) return Panel<T>{b, NR, a.dw_ih + p * NR, I, imin(NR, I - p * NR), nullptr};
+      const int64_t c = p - ic;
+      return Panel<T>{b, NR, a.dw_hh + c * NR, P, imin(NR, P - c * NR), nullptr};
+    };
+    gemm_blocks<V>(nt, tid, G, N, cols, ic + pchunks, dw, ablk);
+  }
+  int64_t step_at(int64_t k) const { return d.reverse ? d.steps - 1 - k : k; }
+
+  // Cell backward on rows [b0, b1) for chunk c; c_prev row b at cp + b*H.
+  void cell_rows(int64_t b0, int64_t b1, int64_t c, int64_t r0, const T* cp, const T* dhv,
+                 int64_t lddh) {
+    using C = X2<V>;  // the chunk's units
+    const int64_t u = c * NR, n = imin(NR, H - u);
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* g = a.gates + (r0 + b) * G + u;
+      T* dg = dgates + (r0 + b) * G + u;
+      T* dc = a.dc0 + b * H + u;
+      C di, df, dgg, dout, dcp;
+      cell_backward(C::load(g, n), C::load(g + H, n), C::load(g + 2 * H, n),
+                    C::load(g + 3 * H, n), C::load(a.cells + (r0 + b) * H + u, n),
+                    C::load(cp + b * H + u, n), C::load(dhv + b * lddh + u, n), C::load(dc, n),
+                    di, df, dgg, dout, dcp);
+      di.store(dg, n);
+      df.store(dg + H, n);
+      dgg.store(dg + 2 * H, n);
+      dout.store(dg + 3 * H, n);
+      dcp.store(dc, n);
+      if (a.db != nullptr) {
+        T* db = a.db + u;
+        (C::load(db, n) + di).store(db, n);
+        (C::load(db + H, n) + df).store(db + H, n);
+        (C::load(db + 2 * H, n) + dgg).store(db + 2 * H, n);
+        (C::load(db + 3 * H, n) + dout).store(db + 3 * H, n);
+      }
+    }
+  }
+
+  void run(int nt, int tid) {
+    const Range mine = split(chunks, nt, tid), pmine = split(pchunks, nt, tid);
+    // Each thread packs the panels of the dh columns it computes.
+    if (packed)
+      for (int64_t c = pmine.begin; c < pmine.end; ++c)
+        pack_cols_panel<T, NR>(a.w_hh, G, P, c, phh + c * G * NR);
+    // Running gradients: dh0 holds dh, dc0 holds dc; each thread its columns.
+    T* dh = a.dh0;
+    for (int64_t c = pmine.begin; c < pmine.end; ++c) {
+      const int64_t p0 = c * NR, np = imin(NR, P - p0);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t j = 0; j < np; ++j) dh[b * P + p0 + j] = a.dh_n ? a.dh_n[b * P + p0 + j] : T(0);
+    }
+    for (int64_t c = mine.begin; c < mine.end; ++c) {
+      const int64_t u0 = c * NR, nu = imin(NR, H - u0);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t j = 0; j < nu; ++j) a.dc0[b * H + u0 + j] = a.dc_n ? a.dc_n[b * H + u0 + j] : T(0);
+      if (a.db != nullptr)
+        for (int q = 0; q < 4; ++q)
+          for (int64_t j = 0; j < nu; ++j) a.db[q * H + u0 + j] = T(0);
+    }
+    for (int64_t k = d.steps - 1; k >= 0; --k) {
+      const int64_t t = step_at(k), n = d.batch_sizes[t], r0 = off[t];
+      const int64_t tp = k > 0 ? step_at(k - 1) : -1;
+      const int64_t n_prev = tp >= 0 ? imin(n, d.batch_sizes[tp]) : 0;
+      // dh of this step = the running dh + dy, for the columns this thread owns.
+      for (int64_t c = pmine.begin; c < pmine.end; ++c) {
+        const int64_t p0 = c * NR, np = imin(NR, P - p0);
+        for (int64_t b = 0; b < n; ++b) {
+          T* row = dh + b * P + p0;
+          if (a.dy != nullptr) {
+            const T* dy = a.dy + (r0 + b) * P + p0;
+            for (int64_t j = 0; j < np; ++j) row[j] += dy[j];
+          }
+          if (proj) std::memcpy(dh_all + (r0 + b) * P + p0, row, sizeof(T) * np);
+        }
+      }
+      const T* dhv = dh;
+      int64_t lddh = P;
+      if (proj) {
+#pragma omp barrier
+        // dh before the projection: dh W_hr, for this thread's units.
+        for (int64_t c = mine.begin; c < mine.end; ++c)
+          gemm_rows<V>(0, n, P, dh, P, a.w_hr + c * NR, H, dhp + c * NR, H,
+                       imin(NR, H - c * NR), kStore);
+        dhv = dhp;
+        lddh = H;
+      }
+      for (int64_t c = mine.begin; c < mine.end; ++c) {
+        if (n_prev > 0) cell_rows(0, n_prev, c, r0, a.cells + off[tp] * H, dhv, lddh);
+        if (n_prev < n) cell_rows(n_prev, n, c, r0, a.c0, dhv, lddh);
+      }
+#pragma omp barrier
+      // dh_{t-1} = dgates_t W_hh for the active rows.
+      for (int64_t c = pmine.begin; c < pmine.end; ++c) {
+        int64_t ldb;
+        const T* w = w_hh_panel(c, &ldb);
+        gemm_rows<V>(0, n, G, dgates + r0 * G, G, w, ldb, dh + c * NR, P, imin(NR, P - c * NR),
+                     kStore);
+      }
+    }
+#pragma omp barrier
+    weight_gradients(nt, tid);
+  }
+};
+
+}  // namespace
+
+namespace {
+
+// work.run(nt, tid) on a team of `threads` (one thread: no parallel region,
+// whose start costs about a microsecond).
+template <class Work>
+void in_team(int threads, Work& work) {
+  if (threads <= 1) {
+    work.run(1, 0);
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  work.run(omp_get_num_threads(), omp_get_thread_num());
+}
+
+// A call of one step with a batch: OneStep.
+bool one_step(const LayerDims& d) { return d.steps == 1 && d.batch > 1; }
+
+}  // namespace
+
+template <typename T>
+FusedSizes sizes(const LayerDims& d, bool proj, bool save, int threads) {
+  using V = typename Vec<T>::type;
+  const int64_t fwd = one_step(d) ? OneStep<V>::size(d, proj)
+                                  : forward_layout<2 * V::width, T>(d, proj, save, threads).size;
+  return {fwd, Backward<V>::size(d, proj, threads)};
+}
+
+template <typename T>
+void forward(const LayerDims& d, const int64_t* off, const ForwardArgs<T>& a, T* work,
+             int threads) {
+  using V = typename Vec<T>::type;
+  if (one_step(d)) {
+    OneStep<V> f(d, a, work);
+    in_team(threads, f);
+    return;
+  }
+  Forward<V> f(d, off, a, work, threads);
+  in_team(threads, f);
+}
+
+template <typename T>
+void backward(const LayerDims& d, const int64_t* off, const BackwardArgs<T>& a, T* dgates,
+              T* dh_all, T* work, int threads) {
+  using V = typename Vec<T>::type;
+  Backward<V> b(d, off, a, dgates, dh_all, work);
+  in_team(threads, b);
+}
+
+template <typename T>
+void hidden(const T* gates, const T* cells, int64_t N, int64_t H, T* out) {
+  using V = typename Vec<T>::type;
+  for (int64_t r = 0; r < N; ++r)
+    for (int64_t j = 0; j < H; j += V::width) {
+      const int64_t n = H - j;
+      cell_hidden(V::load(gates + r * 4 * H + 3 * H + j, n), V::load(cells + r * H + j, n))
+          .store(out + r * H + j, n);
+    }
+}
+
+bool double_math() { return simd::have_double_math(); }
+
+template <typename T>
+FusedKernels<T> kernels() {
+  return {&sizes<T>, &forward<T>, &backward<T>, &hidden<T>};
+}
+template FusedKernels<float> kernels<float>();
+template FusedKernels<double> kernels<double>();
