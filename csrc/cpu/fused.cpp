@@ -6,6 +6,13 @@
 
 #include "fused.h"
 
+// The instruction-set translation units hold kernels only on x86-64.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define LF_X86 1
+#else
+#define LF_X86 0
+#endif
+
 namespace lstm_fused::cpu {
 namespace {
 
@@ -17,7 +24,7 @@ bool env_set(const char* name) {
 }
 
 Isa detect() {
-#if defined(__x86_64__) && defined(__GNUC__)
+#if LF_X86
   if (env_set("LSTM_FUSED_CPU_GENERIC")) return Isa::generic;
   const char* want = std::getenv("LSTM_FUSED_CPU_ISA");
   const bool any = want == nullptr || want[0] == '\0';
@@ -40,9 +47,13 @@ Isa isa() {
 
 template <typename T>
 const FusedKernels<T>& kernels() {
+#if LF_X86
   static const FusedKernels<T> k = isa() == Isa::avx512 ? avx512::kernels<T>()
                                    : isa() == Isa::avx2 ? avx2::kernels<T>()
                                                         : FusedKernels<T>{};
+#else
+  static const FusedKernels<T> k{};
+#endif
   return k;
 }
 
@@ -63,10 +74,14 @@ bool fused_available<float>() {
 
 template <>
 bool fused_available<double>() {
+#if LF_X86
   static const bool ok = isa() == Isa::avx512 ? avx512::double_math()
                          : isa() == Isa::avx2 ? avx2::double_math()
                                               : false;
   return ok;
+#else
+  return false;
+#endif
 }
 
 template <typename T>

@@ -24,14 +24,4 @@ namespace simd = ::lstm_fused::cpu::avx2;
 #pragma clang attribute pop
 #endif
 
-#else  // not x86-64: fused_isa() is "generic", so these are never called
-
-namespace lstm_fused::cpu::avx2 {
-template <typename T>
-FusedKernels<T> kernels() { return {}; }
-template FusedKernels<float> kernels<float>();
-template FusedKernels<double> kernels<double>();
-bool double_math() { return false; }
-}  // namespace lstm_fused::cpu::avx2
-
-#endif
+#endif  // elsewhere fused.cpp never calls in (fused_isa() is "generic")

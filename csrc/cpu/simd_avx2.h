@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "simd_math.h"
 #include "simd_pair.h"
 
 extern "C" {
@@ -53,6 +54,20 @@ struct F8 {
     const __m256 hi = _mm256_permute2f128_ps(abcd, efgh, 0x31);
     return _mm256_add_ps(lo, hi);
   }
+  // For simd_math.h's exp.
+  using cmp_mask = __m256;
+  static LF_INLINE F8 vmin(F8 a, F8 b) { return _mm256_min_ps(a.v, b.v); }
+  static LF_INLINE F8 vmax(F8 a, F8 b) { return _mm256_max_ps(a.v, b.v); }
+  static LF_INLINE F8 round(F8 a) {
+    return _mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  // 2^n for integral n in [-127, 128].
+  static LF_INLINE F8 pow2(F8 n) {
+    return _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127)), 23));
+  }
+  static LF_INLINE cmp_mask gt(F8 a, F8 b) { return _mm256_cmp_ps(a.v, b.v, _CMP_GT_OQ); }
+  static LF_INLINE F8 select(cmp_mask m, F8 yes, F8 no) { return _mm256_blendv_ps(no.v, yes.v, m); }
 };
 LF_INLINE F8 operator+(F8 a, F8 b) { return _mm256_add_ps(a.v, b.v); }
 LF_INLINE F8 operator-(F8 a, F8 b) { return _mm256_sub_ps(a.v, b.v); }
@@ -61,65 +76,25 @@ LF_INLINE F8 operator/(F8 a, F8 b) { return _mm256_div_ps(a.v, b.v); }
 LF_INLINE F8 operator-(F8 a) { return _mm256_xor_ps(a.v, _mm256_set1_ps(-0.0f)); }
 LF_INLINE F8 fma(F8 a, F8 b, F8 c) { return _mm256_fmadd_ps(a.v, b.v, c.v); }
 
-// exp of N vectors in place, in lock-step: each step of the evaluation is
-// done for all N before the next, so the long chain of dependent operations
-// of one vector overlaps with the others'.
-// exp(x) = 2^n e^r with n = round(x / ln 2), |r| <= ln2 / 2, e^r from Cephes'
-// degree-6 polynomial: within 2 ulp on [-87, 88]. Below -87.3 it is 0 or a
-// denormal-sized value, above 88.7 (and for +Inf) +Inf, NaN stays NaN (min and
-// max return their second operand when one is NaN), so sigmoid and tanh reach
-// exactly 0, ±1 where they saturate, as the scalar functions do.
-template <int N>
-LF_INLINE void exp_ps(__m256 (&x)[N]) {
-  __m256 n[N], p[N], big[N];
-  for (int i = 0; i < N; ++i) {
-    big[i] = _mm256_cmp_ps(x[i], _mm256_set1_ps(88.72f), _CMP_GT_OQ);
-    x[i] = _mm256_max_ps(_mm256_set1_ps(-87.3365f), _mm256_min_ps(_mm256_set1_ps(88.3762f), x[i]));
-  }
-  for (int i = 0; i < N; ++i)
-    n[i] = _mm256_round_ps(_mm256_mul_ps(x[i], _mm256_set1_ps(1.44269504088896341f)),
-                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  for (int i = 0; i < N; ++i) x[i] = _mm256_fnmadd_ps(n[i], _mm256_set1_ps(0.693359375f), x[i]);
-  for (int i = 0; i < N; ++i) x[i] = _mm256_fnmadd_ps(n[i], _mm256_set1_ps(-2.12194440e-4f), x[i]);
-  for (int i = 0; i < N; ++i)
-    p[i] = _mm256_fmadd_ps(_mm256_set1_ps(1.9875691500e-4f), x[i], _mm256_set1_ps(1.3981999507e-3f));
-  for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], x[i], _mm256_set1_ps(8.3334519073e-3f));
-  for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], x[i], _mm256_set1_ps(4.1665795894e-2f));
-  for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], x[i], _mm256_set1_ps(1.6666665459e-1f));
-  for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], x[i], _mm256_set1_ps(5.0000001201e-1f));
-  for (int i = 0; i < N; ++i)
-    p[i] = _mm256_fmadd_ps(p[i], _mm256_mul_ps(x[i], x[i]), _mm256_add_ps(x[i], _mm256_set1_ps(1.f)));
-  for (int i = 0; i < N; ++i) {
-    x[i] = _mm256_mul_ps(p[i], _mm256_castsi256_ps(_mm256_slli_epi32(
-                                   _mm256_add_epi32(_mm256_cvtps_epi32(n[i]), _mm256_set1_epi32(127)), 23)));
-    x[i] = _mm256_blendv_ps(x[i], _mm256_set1_ps(__builtin_inff()), big[i]);
-  }
-}
 LF_INLINE F8 exp(F8 a) {
-  __m256 v[1] = {a.v};
-  exp_ps(v);
+  F8 v[1] = {a};
+  exp_n(v);
+  return v[0];
+}
+LF_INLINE F8 tanh(F8 a) {
+  F8 v[1] = {a};
+  tanh_n(v);
   return v[0];
 }
 LF_INLINE void exp_pair(F8& a, F8& b) {
-  __m256 v[2] = {a.v, b.v};
-  exp_ps(v);
+  F8 v[2] = {a, b};
+  exp_n(v);
   a = v[0], b = v[1];
 }
-// tanh(a) = 2 / (1 + exp(-2a)) - 1: within a few float ulps of 1 in absolute
-// terms (the scale of the cell), and exactly ±1 where tanh saturates.
-LF_INLINE __m256 tanh_ps(__m256 e) {  // from e = exp(-2a)
-  return _mm256_sub_ps(_mm256_div_ps(_mm256_set1_ps(2.f), _mm256_add_ps(_mm256_set1_ps(1.f), e)),
-                       _mm256_set1_ps(1.f));
-}
-LF_INLINE F8 tanh(F8 a) {
-  __m256 v[1] = {_mm256_mul_ps(a.v, _mm256_set1_ps(-2.f))};
-  exp_ps(v);
-  return tanh_ps(v[0]);
-}
 LF_INLINE void tanh_pair(F8& a, F8& b) {
-  __m256 v[2] = {_mm256_mul_ps(a.v, _mm256_set1_ps(-2.f)), _mm256_mul_ps(b.v, _mm256_set1_ps(-2.f))};
-  exp_ps(v);
-  a = tanh_ps(v[0]), b = tanh_ps(v[1]);
+  F8 v[2] = {a, b};
+  tanh_n(v);
+  a = v[0], b = v[1];
 }
 
 struct D4 {

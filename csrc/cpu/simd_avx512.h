@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "simd_math.h"
 #include "simd_pair.h"
 
 extern "C" {
@@ -61,6 +62,20 @@ struct F16 {
     return _mm256_add_ps(_mm256_permute2f128_ps(abcd, efgh, 0x20),
                          _mm256_permute2f128_ps(abcd, efgh, 0x31));
   }
+  // For simd_math.h's exp.
+  using cmp_mask = __mmask16;
+  static LF_INLINE F16 vmin(F16 a, F16 b) { return _mm512_min_ps(a.v, b.v); }
+  static LF_INLINE F16 vmax(F16 a, F16 b) { return _mm512_max_ps(a.v, b.v); }
+  static LF_INLINE F16 round(F16 a) {
+    return _mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  // 2^n for integral n in [-127, 128].
+  static LF_INLINE F16 pow2(F16 n) {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n.v), _mm512_set1_epi32(127)), 23));
+  }
+  static LF_INLINE cmp_mask gt(F16 a, F16 b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ); }
+  static LF_INLINE F16 select(cmp_mask m, F16 yes, F16 no) { return _mm512_mask_blend_ps(m, no.v, yes.v); }
 };
 LF_INLINE F16 operator+(F16 a, F16 b) { return _mm512_add_ps(a.v, b.v); }
 LF_INLINE F16 operator-(F16 a, F16 b) { return _mm512_sub_ps(a.v, b.v); }
@@ -71,59 +86,25 @@ LF_INLINE F16 operator-(F16 a) {
 }
 LF_INLINE F16 fma(F16 a, F16 b, F16 c) { return _mm512_fmadd_ps(a.v, b.v, c.v); }
 
-// exp of N vectors in place, in lock-step; the same evaluation (and the same
-// limits: 0 below -87.3, +Inf above 88.7, NaN kept) as simd_avx2.h's exp_ps.
-template <int N>
-LF_INLINE void exp_ps(__m512 (&x)[N]) {
-  __m512 n[N], p[N];
-  __mmask16 big[N];
-  for (int i = 0; i < N; ++i) {
-    big[i] = _mm512_cmp_ps_mask(x[i], _mm512_set1_ps(88.72f), _CMP_GT_OQ);
-    x[i] = _mm512_max_ps(_mm512_set1_ps(-87.3365f), _mm512_min_ps(_mm512_set1_ps(88.3762f), x[i]));
-  }
-  for (int i = 0; i < N; ++i)
-    n[i] = _mm512_roundscale_ps(_mm512_mul_ps(x[i], _mm512_set1_ps(1.44269504088896341f)),
-                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  for (int i = 0; i < N; ++i) x[i] = _mm512_fnmadd_ps(n[i], _mm512_set1_ps(0.693359375f), x[i]);
-  for (int i = 0; i < N; ++i) x[i] = _mm512_fnmadd_ps(n[i], _mm512_set1_ps(-2.12194440e-4f), x[i]);
-  for (int i = 0; i < N; ++i)
-    p[i] = _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500e-4f), x[i], _mm512_set1_ps(1.3981999507e-3f));
-  for (int i = 0; i < N; ++i) p[i] = _mm512_fmadd_ps(p[i], x[i], _mm512_set1_ps(8.3334519073e-3f));
-  for (int i = 0; i < N; ++i) p[i] = _mm512_fmadd_ps(p[i], x[i], _mm512_set1_ps(4.1665795894e-2f));
-  for (int i = 0; i < N; ++i) p[i] = _mm512_fmadd_ps(p[i], x[i], _mm512_set1_ps(1.6666665459e-1f));
-  for (int i = 0; i < N; ++i) p[i] = _mm512_fmadd_ps(p[i], x[i], _mm512_set1_ps(5.0000001201e-1f));
-  for (int i = 0; i < N; ++i)
-    p[i] = _mm512_fmadd_ps(p[i], _mm512_mul_ps(x[i], x[i]), _mm512_add_ps(x[i], _mm512_set1_ps(1.f)));
-  for (int i = 0; i < N; ++i) {
-    x[i] = _mm512_mul_ps(p[i], _mm512_castsi512_ps(_mm512_slli_epi32(
-                                   _mm512_add_epi32(_mm512_cvtps_epi32(n[i]), _mm512_set1_epi32(127)), 23)));
-    x[i] = _mm512_mask_blend_ps(big[i], x[i], _mm512_set1_ps(__builtin_inff()));
-  }
-}
-// tanh(a) = 2 / (1 + exp(-2a)) - 1, from e = exp(-2a) (as in simd_avx2.h).
-LF_INLINE __m512 tanh_ps(__m512 e) {
-  return _mm512_sub_ps(_mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(_mm512_set1_ps(1.f), e)),
-                       _mm512_set1_ps(1.f));
-}
 LF_INLINE F16 exp(F16 a) {
-  __m512 v[1] = {a.v};
-  exp_ps(v);
+  F16 v[1] = {a};
+  exp_n(v);
   return v[0];
 }
 LF_INLINE F16 tanh(F16 a) {
-  __m512 v[1] = {_mm512_mul_ps(a.v, _mm512_set1_ps(-2.f))};
-  exp_ps(v);
-  return tanh_ps(v[0]);
+  F16 v[1] = {a};
+  tanh_n(v);
+  return v[0];
 }
 LF_INLINE void exp_pair(F16& a, F16& b) {
-  __m512 v[2] = {a.v, b.v};
-  exp_ps(v);
+  F16 v[2] = {a, b};
+  exp_n(v);
   a = v[0], b = v[1];
 }
 LF_INLINE void tanh_pair(F16& a, F16& b) {
-  __m512 v[2] = {_mm512_mul_ps(a.v, _mm512_set1_ps(-2.f)), _mm512_mul_ps(b.v, _mm512_set1_ps(-2.f))};
-  exp_ps(v);
-  a = tanh_ps(v[0]), b = tanh_ps(v[1]);
+  F16 v[2] = {a, b};
+  tanh_n(v);
+  a = v[0], b = v[1];
 }
 
 LF_INLINE __mmask8 mask8(int64_t n) {
