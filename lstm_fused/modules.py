@@ -7,7 +7,6 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
 from . import ops
@@ -162,12 +161,17 @@ class LSTM(nn.LSTM):
         return input.dim() != 2 or input.size(-1) == self.input_size
 
     def _weights(self):
-        """Every weight in nn.LSTM's flat order. nn.LSTM keeps _flat_weights
-        current when a parameter is reassigned or moved; parametrized weights
-        are computed on access, so those are read by name. Nothing is cached
-        on the module in forward (torch.export flags that)."""
-        if parametrize.is_parametrized(self):
-            return [getattr(self, name) for name in self._flat_weights_names]
+        """Every weight in nn.LSTM's flat order, the ones nn.LSTM would use:
+        as nn.LSTM.forward does, the flat list is brought up to date first
+        when any attribute changed (a parameter reassigned or moved, one
+        substituted by torch.func.functional_call, a parametrized or plain
+        tensor set in its place). Traced (compile, export), the same list is
+        read without writing it back to the module, which export would flag."""
+        if torch.compiler.is_compiling():
+            if self._weights_have_changed():
+                return [getattr(self, name) for name in self._flat_weights_names]
+            return self._flat_weights
+        self._update_flat_weights()
         return self._flat_weights
 
     def _layer_weights(self, weights, index):
