@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .modules import _HALF_TYPES, _has_kernel
+from .modules import _HALF_NATIVE, _HALF_TYPES, _has_kernel
 
 class LSTMCell(nn.LSTMCell):
     """Drop-in replacement for :class:`torch.nn.LSTMCell`.
@@ -42,7 +42,7 @@ class LSTMCell(nn.LSTMCell):
         else:
             h, c = hx if dim == 2 else (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
         weights = (w_ih, self.weight_hh, self.bias_ih, self.bias_hh)
-        upcast = x.dtype in _HALF_TYPES and x.device.type == "cpu"
+        upcast = x.dtype in _HALF_TYPES and x.device.type not in _HALF_NATIVE
         if upcast:
             x, h, c = x.float(), h.float(), c.float()
             weights = [w.float() if w is not None else None for w in weights]

@@ -13,6 +13,10 @@ from . import ops
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 _DTYPES = (torch.float32, torch.float64) + _HALF_TYPES
+# Device types whose kernels take float16/bfloat16 as they are; elsewhere (the
+# CPU) they run in float32 and are cast back. (tests/emu.py adds "cpu" in a
+# process whose CPU ops are the emulated CUDA ones.)
+_HALF_NATIVE = {"cuda"}
 
 
 # Device types the extension was built with kernels for; fixed once it is
@@ -189,7 +193,7 @@ class LSTM(nn.LSTM):
         if cast is not None:
             x, h0, c0 = x.to(cast), h0.to(cast), c0.to(cast)
         out_dtype = x.dtype
-        upcast = x.device.type == "cpu" and out_dtype in _HALF_TYPES
+        upcast = out_dtype in _HALF_TYPES and x.device.type not in _HALF_NATIVE
         if upcast:
             x, h0, c0 = x.float(), h0.float(), c0.float()
         directions = 2 if self.bidirectional else 1

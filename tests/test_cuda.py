@@ -8,7 +8,10 @@ inputs: per tensor, our error may be at most 2x nn.LSTM's own error, plus
 one rounding of the largest value (a floor for tensors cuDNN gets exact).
 Every measured error is appended to ERRORS; tests/cuda_report.py summarises
 them. LSTM_FUSED_TEST_DEVICE=cpu runs the same tests on the CPU kernels, a
-dry run of this file on a machine without a GPU.
+dry run of this file on a machine without a GPU; LSTM_FUSED_TEST_DEVICE=emu
+(with LSTM_FUSED_EMU_LIB, see tests/emu.py and tests/test_cuda_emu.py) runs
+them on the CUDA host code and kernels under the CPU emulation of CUDA, with
+nn.LSTM on the CPU as the reference in every dtype.
 """
 import copy
 import os
@@ -23,6 +26,11 @@ from helpers import assert_threads_match_serial, compare, lstm_work, pair
 from test_parity import CONFIGS
 
 DEVICE = os.environ.get("LSTM_FUSED_TEST_DEVICE", "cuda")
+EMULATED = DEVICE == "emu"
+if EMULATED:  # the CUDA code on the emulator: CPU tensors, the ops replaced
+    import emu
+    emu.load(os.environ["LSTM_FUSED_EMU_LIB"])
+    DEVICE = "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
                                 reason="no CUDA GPU")
 cuda_only = pytest.mark.skipif(DEVICE != "cuda", reason="CUDA-specific")

@@ -9,7 +9,6 @@
 // the half types), storage in T.
 #include "lstm_cuda.h"
 
-#include <c10/cuda/CUDAException.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -33,8 +32,8 @@ dim3 grid_for(int n, int hidden) {
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads) forward_step_kernel(const ForwardStep<T, A> p) {
-  __shared__ A sw[4][kK][kUnits + 1];  // W_hh tile, [gate][k][unit] (+1: no bank conflicts)
-  __shared__ A sh[kRows][kK];          // h_{t-1} tile
+  LSTM_SHARED(sw, A[4][kK][kUnits + 1]);  // W_hh tile, [gate][k][unit] (+1: no bank conflicts)
+  LSTM_SHARED(sh, A[kRows][kK]);          // h_{t-1} tile
   const int H = p.hidden, P = p.proj, tx = threadIdx.x, ty = threadIdx.y;
   const int tid = ty * kUnits + tx;
   const int j0 = blockIdx.x * kUnits, b0 = blockIdx.y * kRows;
@@ -112,8 +111,8 @@ __global__ void __launch_bounds__(kThreads) forward_step_kernel(const ForwardSte
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads) backward_step_kernel(const BackwardStep<T, A> p) {
-  __shared__ A sw[kK][kUnits + 1];  // W_hr tile, [k][unit]
-  __shared__ A sh[kRows][kK];       // dh tile
+  LSTM_SHARED(sw, A[kK][kUnits + 1]);  // W_hr tile, [k][unit]
+  LSTM_SHARED(sh, A[kRows][kK]);       // dh tile
   const int H = p.hidden, P = p.proj, tx = threadIdx.x, ty = threadIdx.y;
   const int tid = ty * kUnits + tx;
   const int j0 = blockIdx.x * kUnits, b0 = blockIdx.y * kRows;
@@ -174,14 +173,14 @@ __global__ void __launch_bounds__(kThreads) backward_step_kernel(const BackwardS
 
 template <typename T, typename A>
 void forward_step(const ForwardStep<T, A>& p, cudaStream_t stream) {
-  forward_step_kernel<T, A><<<grid_for(p.n, p.hidden), dim3(kUnits, kLanes), 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch<kThreads>(&forward_step_kernel<T, A>, grid_for(p.n, p.hidden), dim3(kUnits, kLanes), 0,
+                   stream, false, p);
 }
 
 template <typename T, typename A>
 void backward_step(const BackwardStep<T, A>& p, cudaStream_t stream) {
-  backward_step_kernel<T, A><<<grid_for(p.n, p.hidden), dim3(kUnits, kLanes), 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch<kThreads>(&backward_step_kernel<T, A>, grid_for(p.n, p.hidden), dim3(kUnits, kLanes), 0,
+                   stream, false, p);
 }
 
 static_assert(kRows * 65535LL >= kMaxBatch, "gridDim.y is at most 65535");

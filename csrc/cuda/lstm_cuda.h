@@ -8,7 +8,7 @@
 // b-th sequence of the (sorted) batch. Sizes: H hidden, P = proj_size or H.
 #pragma once
 
-#include <cuda_runtime_api.h>
+#include "platform.h"
 
 namespace lstm_fused::cuda {
 

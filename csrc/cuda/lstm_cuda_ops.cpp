@@ -13,8 +13,6 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/LegacyTypeDispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 #include <torch/version.h>
 
@@ -24,6 +22,7 @@
 
 #include "../ops.h"
 #include "lstm_cuda.h"
+#include "torch_cuda.h"
 
 #if TORCH_VERSION_MAJOR < 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR < 8)
 #error "the lstm_fused CUDA build needs torch >= 2.8 (mm with out_dtype)"
@@ -62,7 +61,7 @@ T* ptr(const at::Tensor& t) {
 void gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   if (out.scalar_type() != a.scalar_type()) {
     TORCH_INTERNAL_ASSERT(!accumulate);
-    at::mm_out(out, a, b, out.scalar_type());
+    cuda::mm_out_dtype(out, a, b);
   } else if (accumulate) {
     at::addmm_out(out, out, a, b);
   } else {
@@ -82,7 +81,7 @@ void run_forward(const Layout& L, const at::Tensor& x, const at::Tensor& h0,
   const int64_t N = s.rows, B = s.batch, H = s.hidden, P = s.proj, G = 4 * H;
   const bool proj = w_hr.defined();
   const auto acc = x.options().dtype(c10::CppTypeToScalarType<A>::value);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda::current_stream();
 
   // x W_ih^T for all steps; in place in `gates` when T computes in T.
   at::Tensor xg = same ? gates : at::empty({N, G}, acc);
@@ -172,7 +171,7 @@ void run_backward(const Layout& L, const at::Tensor& dy, const at::Tensor& dh_n,
   const int64_t N = s.rows, B = s.batch, H = s.hidden, P = s.proj, G = 4 * H;
   const bool proj = w_hr.defined();
   const auto acc = x.options().dtype(c10::CppTypeToScalarType<A>::value);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda::current_stream();
 
   // dh: the gradient of every step's h (after projection): grad_y, plus
   // grad_h_n at each row's last step, plus (in the loop) the recurrent part.
@@ -241,7 +240,7 @@ void run_backward(const Layout& L, const at::Tensor& dy, const at::Tensor& dh_n,
 }
 
 void check_cuda(const at::Tensor& x, const LayerSizes& s) {
-  TORCH_CHECK(x.is_cuda(), "lstm_fused: expected CUDA tensors, got ", x.device());
+  TORCH_CHECK(cuda::on_device(x), "lstm_fused: expected CUDA tensors, got ", x.device());
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
               "lstm_fused: the CUDA kernels support float32, float64, float16 and bfloat16, "
@@ -257,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
     const std::optional<at::Tensor>& batch_sizes, bool reverse, bool save) {
   const LayerSizes s = check_layer_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes);
   check_cuda(x, s);
-  const c10::cuda::CUDAGuard device(x.device());
+  const cuda::DeviceGuard device(x.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   ForwardCall c = forward_call(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, save);
   if (!save) {  // the kernels' workspace
@@ -284,7 +283,7 @@ layer_backward_cuda(const std::optional<at::Tensor>& grad_y,
   const LayerSizes s = check_layer_args(x, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt,
                                         w_hr, batch_sizes);
   check_cuda(x, s);
-  const c10::cuda::CUDAGuard device(x.device());
+  const cuda::DeviceGuard device(x.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   BackwardCall c = backward_call(s, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh,
                                   w_hr, has_bias, y, gates, cells);
@@ -301,7 +300,7 @@ layer_backward_cuda(const std::optional<at::Tensor>& grad_y,
 }  // namespace
 }  // namespace lstm_fused
 
-TORCH_LIBRARY_IMPL(lstm_fused, CUDA, m) {
+TORCH_LIBRARY_IMPL(lstm_fused, LSTM_FUSED_DISPATCH_KEY, m) {
   m.impl("layer_forward", &lstm_fused::layer_forward_cuda);
   m.impl("layer_backward", &lstm_fused::layer_backward_cuda);
 }

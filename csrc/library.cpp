@@ -1,0 +1,23 @@
+// The op schemas: one registration layer for every device. The device
+// implementations register under them (cpu/lstm_cpu_ops.cpp,
+// cuda/lstm_cuda_ops.cpp).
+#include <torch/library.h>
+
+TORCH_LIBRARY(lstm_fused, m) {
+  // One layer, one direction, the whole (packed) sequence. x is [rows, I];
+  // without batch_sizes the rows are T steps of the batch of h0.
+  // Returns y, h_n, c_n and the gate activations and cells saved for backward
+  // (both with 0 rows when save is false: an inference call keeps nothing).
+  m.def(
+      "layer_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, "
+      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse, "
+      "bool save=True) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Returns dx, dh0, dc0, dw_ih, dw_hh, db (empty without bias; the gradient
+  // of b_ih and b_hh alike) and dw_hr (empty without projection).
+  m.def(
+      "layer_backward(Tensor? grad_y, Tensor? grad_h_n, Tensor? grad_c_n, Tensor x, "
+      "Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, "
+      "bool reverse, bool has_bias, Tensor y, Tensor gates, Tensor cells) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
