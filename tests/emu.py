@@ -9,7 +9,8 @@ flags and torch version): editing a kernel and rerunning rebuilds it, nothing
 is installed. `load()` loads it into a process that imported lstm_fused:
 the ops' CPU implementation is then the CUDA host code (csrc/cuda/
 lstm_cuda_ops.cpp) launching the CUDA kernels on the emulator, CPU tensors in
-and out, float16/bfloat16 computed by the kernels as on a GPU. Load it only in
+and out, float16/bfloat16 computed by the kernels as on a GPU, and every
+tensor at::empty allocates filled with NaN. Load it only in
 a process of its own (tests/test_cuda_emu.py runs the CUDA suite in
 subprocesses). `environment()` is what such a process needs for a sanitized
 build: the sanitizer's runtime preloaded into Python.
@@ -146,6 +147,10 @@ def load(lib):
         warnings.simplefilter("ignore")
         torch.ops.load_library(str(lib))
     lstm_fused.modules._HALF_NATIVE.add("cpu")  # the kernels take half types, as on a GPU
+    # Every tensor from at::empty (the host code's outputs and workspaces)
+    # starts as NaN (max int for integers): a read of what no kernel wrote shows.
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
 
 
 def main():

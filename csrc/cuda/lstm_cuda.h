@@ -50,3 +50,76 @@ template <typename T, typename A>
 void backward_step(const BackwardStep<T, A>& p, cudaStream_t stream);
 
 }  // namespace lstm_fused::cuda
+
+namespace lstm_fused::cuda {
+
+// The persistent kernels (persistent.cu): one cooperative launch runs every
+// step of a layer. Block b owns hidden units [b*units, (b+1)*units) (all four
+// gates) and projection columns [b*proj_units, ...) and keeps its slice of
+// the recurrent weights in shared memory for the whole sequence; the blocks
+// exchange h (forward) or the gate gradients (backward) through global memory,
+// with one grid barrier per step (two with projection). T: float, Half or
+// BFloat16; the math runs in float.
+
+// Rows of step t: offsets[t] is the first, offsets[steps + t] the count; null
+// offsets: every step has `batch` rows (t * batch the first).
+struct StepRows {
+  const int* offsets;
+  int steps, batch;
+};
+
+template <typename T>
+struct PersistentForward {
+  const T* w_hh;       // [4H, P]
+  const T* w_hr;       // [P, H], or null without projection
+  const float* xg;     // [N, 4H] x W_ih^T (may alias gates for float)
+  const float* bias;   // [4H] b_ih + b_hh, or null
+  const T* h0;         // [B, P]
+  float* c_state;      // [B, H] c0 in, c_n out
+  T* y;                // [N, P] out: h of every step (after projection)
+  T* gates;            // [N, 4H] out: activations, or null (inference)
+  T* cells;            // [N, H] out: c of every step, or null (inference)
+  T* h_pre;            // [B, H] workspace with projection: o * tanh(c) of the step
+  StepRows rows;
+  int hidden, proj;
+  bool reverse;
+};
+
+template <typename T>
+struct PersistentBackward {
+  const T* w_hh;       // [4H, P]
+  const T* w_hr;       // [P, H], or null
+  const T* gates;      // [N, 4H] saved activations
+  const T* cells;      // [N, H] saved c
+  const T* c0;         // [B, H]
+  float* dh;           // [N, P] in: gradient of each step's h from outside the layer;
+                       // the recurrent part is added in place
+  float* dh0;          // [B, P] out
+  float* dc;           // [B, H] gradient of c_n in, of c0 out
+  float* dgates;       // [N, 4H] out: gradients of the pre-activations
+  StepRows rows;
+  int hidden, proj;
+  bool reverse;
+};
+
+// A persistent launch for a layer's sizes, or why there is none.
+struct Plan {
+  bool persistent = false;
+  int blocks = 0, units = 0, proj_units = 0;
+  size_t shared = 0;  // bytes of dynamic shared memory per block
+  const char* why = "";
+};
+
+// The plan on the current device (its multiprocessors, shared memory and
+// the kernels' occupancy).
+template <typename T>
+Plan plan_forward(int hidden, int proj);
+template <typename T>
+Plan plan_backward(int hidden, int proj);
+
+template <typename T>
+void persistent_forward(const PersistentForward<T>& p, const Plan& plan, cudaStream_t stream);
+template <typename T>
+void persistent_backward(const PersistentBackward<T>& p, const Plan& plan, cudaStream_t stream);
+
+}  // namespace lstm_fused::cuda

@@ -1,11 +1,13 @@
 // CUDA implementations of the ops: check, allocate once, run the layer.
 //
 // Forward: the input projection of all steps is one GEMM (cuBLAS through
-// ATen); then per step one fused kernel (lstm_cuda.cu) does h_{t-1} W_hh^T and
-// the cell, plus, with projection, one GEMM h = h' W_hr^T. Backward walks the
-// steps in reverse: per step one fused kernel (dh' = dh W_hr, cell_backward)
-// and one GEMM dh_{t-1} += dG_t W_hh; dx, dW_ih, dW_hh, db, dW_hr are GEMMs
-// over all steps after the loop, as on the CPU (csrc/cpu/lstm_cpu.cpp).
+// ATen); then either the persistent kernel (persistent.cu: every step in one
+// cooperative launch) or, per step, one fused kernel (lstm_cuda.cu: h_{t-1}
+// W_hh^T and the cell) plus, with projection, one GEMM h = h' W_hr^T.
+// Backward walks the steps in reverse: the persistent kernel, or per step one
+// fused kernel (dh' = dh W_hr, cell_backward) and one GEMM dh_{t-1} += dG_t
+// W_hh; dx, dW_ih, dW_hh, db, dW_hr are GEMMs over all steps after it, as on
+// the CPU (csrc/cpu/lstm_cpu.cpp). choose_engine picks the kernels.
 // Half types store in their dtype and compute in float: the input
 // projection, the cell state, the gate gradients and the running gradients of
 // h and c are float workspaces, so the backward recurrence runs in float.
@@ -17,6 +19,11 @@
 #include <torch/version.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -69,6 +76,96 @@ void gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumul
   }
 }
 
+// LSTM_FUSED_CUDA_ENGINE: auto (default: persistent where it can run and
+// the sequence has more than one step), persistent (float32/16/bf16 layers
+// must run persistent: an error where they cannot) or step.
+enum class Engine { kAuto, kStep, kPersistent };
+
+Engine engine_setting() {
+  const char* v = std::getenv("LSTM_FUSED_CUDA_ENGINE");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return Engine::kAuto;
+  if (std::strcmp(v, "step") == 0) return Engine::kStep;
+  if (std::strcmp(v, "persistent") == 0) return Engine::kPersistent;
+  TORCH_CHECK(false, "lstm_fused: LSTM_FUSED_CUDA_ENGINE must be auto, step or persistent, got ",
+              v);
+}
+
+// The persistent plan for a layer's sizes on the current device (cached:
+// it queries the device), for the forward or the backward kernel.
+template <typename T>
+cuda::Plan cached_plan(int64_t hidden, int64_t proj, bool backward) {
+  static std::mutex m;
+  static std::map<std::tuple<int, int64_t, int64_t, bool>, cuda::Plan> plans;
+  int device = 0;
+  LSTM_CUDA_CHECK(cudaGetDevice(&device));
+  const auto key = std::make_tuple(device, hidden, proj, backward);
+  std::lock_guard<std::mutex> lock(m);
+  auto it = plans.find(key);
+  if (it == plans.end()) {
+    const int H = static_cast<int>(hidden), P = static_cast<int>(proj);
+    it = plans.emplace(key, backward ? cuda::plan_backward<T>(H, P) : cuda::plan_forward<T>(H, P))
+             .first;
+  }
+  return it->second;
+}
+
+// Which kernels run a layer: the persistent ones (a plan) or the per-step
+// ones (a plan with persistent false and the reason).
+template <typename T>
+cuda::Plan choose_engine(const LayerSizes& s, bool backward, cudaStream_t stream) {
+  cuda::Plan step;
+  const Engine engine = engine_setting();
+  if constexpr (std::is_same_v<T, double>) {
+    step.why = "float64 runs per step";
+    return step;
+  } else {
+    if (engine == Engine::kStep) {
+      step.why = "LSTM_FUSED_CUDA_ENGINE=step";
+      return step;
+    }
+    if (engine == Engine::kAuto && s.steps < 2) {
+      step.why = "one step";
+      return step;
+    }
+    cuda::Plan plan = cached_plan<T>(s.hidden, s.proj, backward);
+    const bool uniform = std::all_of(s.batch_sizes.begin(), s.batch_sizes.end(),
+                                     [&](int64_t b) { return b == s.batch; });
+    if (plan.persistent && !uniform && cuda::capturing(stream)) {
+      plan.persistent = false;  // its step offsets would be copied from host memory
+      plan.why = "packed input while a CUDA graph is captured";
+    }
+    TORCH_CHECK(plan.persistent || engine != Engine::kPersistent,
+                "lstm_fused: LSTM_FUSED_CUDA_ENGINE=persistent, but this layer cannot run "
+                "persistent: ", plan.why);
+    return plan;
+  }
+}
+
+// The rows of every step for the persistent kernels: null offsets when
+// every step has the whole batch, else [first rows..., counts...] on the device.
+at::Tensor step_offsets(const Layout& L, const at::Device& device) {
+  const LayerSizes& s = L.s;
+  if (std::all_of(s.batch_sizes.begin(), s.batch_sizes.end(),
+                  [&](int64_t b) { return b == s.batch; }))
+    return at::Tensor();
+  std::vector<int32_t> v(2 * s.steps);
+  for (int64_t t = 0; t < s.steps; ++t) {
+    v[t] = static_cast<int32_t>(L.off[t]);
+    v[s.steps + t] = static_cast<int32_t>(s.batch_sizes[t]);
+  }
+  return cuda::to_device(v, device);
+}
+
+// h_n: every row's h at its last step in processing order. The rows that
+// end at one step are a contiguous range of it.
+void gather_h_n(const Layout& L, const at::Tensor& y, at::Tensor& h_n) {
+  for (int64_t k = 0; k < L.s.steps; ++k) {
+    const int64_t t = L.step(k), n = L.rows(t), n_next = L.rows_at(k + 1);
+    if (n > n_next)
+      h_n.narrow(0, n_next, n - n_next).copy_(y.narrow(0, L.off[t] + n_next, n - n_next));
+  }
+}
+
 template <typename T>
 void run_forward(const Layout& L, const at::Tensor& x, const at::Tensor& h0,
                  const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
@@ -82,9 +179,14 @@ void run_forward(const Layout& L, const at::Tensor& x, const at::Tensor& h0,
   const bool proj = w_hr.defined();
   const auto acc = x.options().dtype(c10::CppTypeToScalarType<A>::value);
   const cudaStream_t stream = cuda::current_stream();
+  const cuda::Plan plan = choose_engine<T>(s, /*backward=*/false, stream);
+  if (!plan.persistent && !gates.defined()) {  // inference: the step kernels' workspace
+    gates = at::empty({N, G}, x.options());
+    cells = at::empty({N, H}, x.options());
+  }
 
   // x W_ih^T for all steps; in place in `gates` when T computes in T.
-  at::Tensor xg = same ? gates : at::empty({N, G}, acc);
+  at::Tensor xg = same && gates.defined() ? gates : at::empty({N, G}, acc);
   gemm(xg, x, w_ih.t(), false);
   at::Tensor bias;
   if (b_ih.defined() || b_hh.defined()) {
@@ -96,7 +198,19 @@ void run_forward(const Layout& L, const at::Tensor& x, const at::Tensor& h0,
   c_state.copy_(c0);
   at::Tensor h_pre = proj ? at::empty({B, H}, x.options()) : at::Tensor();
 
-  for (int64_t k = 0; k < s.steps; ++k) {
+  if constexpr (!std::is_same_v<T, double>) {
+    if (plan.persistent) {
+      const at::Tensor offsets = step_offsets(L, x.device());
+      cuda::PersistentForward<T> p{ptr<T>(w_hh), ptr<T>(w_hr), ptr<A>(xg), ptr<A>(bias),
+                                   ptr<T>(h0), ptr<A>(c_state), ptr<T>(y), ptr<T>(gates),
+                                   ptr<T>(cells), ptr<T>(h_pre),
+                                   {ptr<int32_t>(offsets), static_cast<int>(s.steps),
+                                    static_cast<int>(B)},
+                                   static_cast<int>(H), static_cast<int>(P), L.reverse};
+      cuda::persistent_forward(p, plan, stream);
+    }
+  }
+  for (int64_t k = 0; k < s.steps && !plan.persistent; ++k) {
     const int64_t t = L.step(k), n = L.rows(t), r0 = L.off[t];
     const int64_t n_prev = L.rows_at(k - 1);
     cuda::ForwardStep<T, A> p;
@@ -119,13 +233,7 @@ void run_forward(const Layout& L, const at::Tensor& x, const at::Tensor& h0,
   }
 
   if (!same) c_n.copy_(c_state);
-  // h_n: every row's h at its last step in processing order. The rows that
-  // end at one step are a contiguous range of it.
-  for (int64_t k = 0; k < s.steps; ++k) {
-    const int64_t t = L.step(k), n = L.rows(t), n_next = L.rows_at(k + 1);
-    if (n > n_next)
-      h_n.narrow(0, n_next, n - n_next).copy_(y.narrow(0, L.off[t] + n_next, n - n_next));
-  }
+  gather_h_n(L, y, h_n);
 }
 
 // h_{t-1} of every row of every step: y of the previous step in processing
@@ -191,9 +299,22 @@ void run_backward(const Layout& L, const at::Tensor& dy, const at::Tensor& dh_n,
   else dc.zero_();
   at::Tensor dh0_acc = same ? dh0 : at::empty({B, P}, acc);
   at::Tensor dgates = at::empty({N, G}, acc);
-  const at::Tensor w_hh_acc = same ? w_hh : w_hh.to(acc.dtype());
+  const cuda::Plan plan = choose_engine<T>(s, /*backward=*/true, stream);
 
-  for (int64_t k = s.steps - 1; k >= 0; --k) {
+  if constexpr (!std::is_same_v<T, double>) {
+    if (plan.persistent) {
+      const at::Tensor offsets = step_offsets(L, x.device());
+      cuda::PersistentBackward<T> p{ptr<T>(w_hh), ptr<T>(w_hr), ptr<T>(gates), ptr<T>(cells),
+                                    ptr<T>(c0), ptr<A>(dh), ptr<A>(dh0_acc), ptr<A>(dc),
+                                    ptr<A>(dgates),
+                                    {ptr<int32_t>(offsets), static_cast<int>(s.steps),
+                                     static_cast<int>(B)},
+                                    static_cast<int>(H), static_cast<int>(P), L.reverse};
+      cuda::persistent_backward(p, plan, stream);
+    }
+  }
+  const at::Tensor w_hh_acc = plan.persistent || same ? w_hh : w_hh.to(acc.dtype());
+  for (int64_t k = s.steps - 1; k >= 0 && !plan.persistent; --k) {
     const int64_t t = L.step(k), n = L.rows(t), r0 = L.off[t];
     const int64_t n_prev = L.rows_at(k - 1);
     const int64_t r_prev = n_prev > 0 ? L.off[L.step(k - 1)] : 0;
@@ -259,10 +380,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
   const cuda::DeviceGuard device(x.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   ForwardCall c = forward_call(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, save);
-  if (!save) {  // the kernels' workspace
-    c.gates = x.new_empty({s.rows, 4 * s.hidden});
-    c.cells = x.new_empty({s.rows, s.hidden});
-  }
   const Layout L(s, reverse);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "lstm_fused_layer_forward_cuda", [&] {

@@ -44,6 +44,17 @@ inline const char* launch_error_detail() {
 #endif
 }
 
+// A CUDA runtime call that must succeed: its error as an exception.
+#define LSTM_CUDA_CHECK(expr)                                                            \
+  do {                                                                                   \
+    const cudaError_t lstm_cuda_err = (expr);                                            \
+    if (lstm_cuda_err != cudaSuccess) {                                                  \
+      (void)cudaGetLastError();                                                          \
+      TORCH_CHECK(false, "lstm_fused: CUDA error: ", cudaGetErrorString(lstm_cuda_err), \
+                  " ", ::lstm_fused::cuda::launch_error_detail());                       \
+    }                                                                                    \
+  } while (0)
+
 // Launches kernel, whose __launch_bounds__ is kMaxThreads, with `shared`
 // bytes of dynamic shared memory on `stream`. Cooperative: every block
 // resident at once (cooperative_groups::this_grid().sync()).
@@ -59,12 +70,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared,
   // emulation's built-in variables are macros named like two of the fields.
   cudaLaunchConfig_t config = {grid, block, shared, stream, cooperative ? attr : nullptr,
                                cooperative ? 1u : 0u};
-  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();  // clear it: the exception reports it
-    TORCH_CHECK(false, "lstm_fused: CUDA kernel launch failed: ", cudaGetErrorString(err), " ",
-                launch_error_detail());
-  }
+  LSTM_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
 }
 
 }  // namespace lstm_fused::cuda

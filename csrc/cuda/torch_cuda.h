@@ -7,6 +7,9 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "platform.h"
 
 #ifdef LSTM_FUSED_EMU
@@ -30,9 +33,12 @@ inline const cudaDeviceProp& device_properties() {
 inline void mm_out_dtype(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   at::mm_out(out, a.to(out.scalar_type()), b.to(out.scalar_type()));
 }
+inline bool capturing(cudaStream_t) { return false; }
+inline at::Tensor to_device(const std::vector<int32_t>& v, const at::Device&) {
+  return at::tensor(v, at::kInt);
+}
 }  // namespace lstm_fused::cuda
 #define LSTM_FUSED_DISPATCH_KEY CPU
-
 #else
 
 #include <ATen/cuda/CUDAContext.h>
@@ -47,6 +53,20 @@ inline const cudaDeviceProp& device_properties() {
 }
 inline void mm_out_dtype(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   at::mm_out(out, a, b, out.scalar_type());
+}
+// Whether `stream` is capturing a CUDA graph.
+inline bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  LSTM_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+// v on `device`, through pinned memory without waiting (the caching host
+// allocator keeps the pinned block until the copy is done).
+inline at::Tensor to_device(const std::vector<int32_t>& v, const at::Device& device) {
+  at::Tensor host = at::empty({static_cast<int64_t>(v.size())},
+                              at::TensorOptions().dtype(at::kInt).pinned_memory(true));
+  std::copy(v.begin(), v.end(), host.data_ptr<int32_t>());
+  return host.to(device, /*non_blocking=*/true);
 }
 }  // namespace lstm_fused::cuda
 #define LSTM_FUSED_DISPATCH_KEY CUDA

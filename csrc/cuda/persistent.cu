@@ -1,0 +1,423 @@
+// The persistent kernels of one LSTM layer: every step in one cooperative
+// launch (see lstm_cuda.h). Per step, forward:
+//   1. each block: z = h_{t-1} W_hh^T for its units' four gates (its slice of
+//      W_hh in shared memory), + x W_ih^T + bias, cell_forward (lstm_cell.h);
+//      h_t of its units to y (or, with projection, to h_pre)
+//   2. grid barrier
+//   3. with projection: each block y_t = h_pre W_hr^T for its columns (its
+//      slice of W_hr in shared memory); grid barrier
+// Backward, steps in reverse:
+//   1. each block, for its units: dh' = dh_t (with projection dh_t W_hr),
+//      cell_backward, the gate gradients of its units to dgates
+//   2. grid barrier
+//   3. each block: dh_{t-1} += dG_t W_hh for its columns (its slice of W_hh
+//      in shared memory), or dh0 for rows that start at t; with projection a
+//      grid barrier (every block's dh' needs every column), else a block
+//      barrier (without projection a block's columns are its units).
+// The products run on CUDA cores in float, split over the block's threads by
+// tile_product; every sum has a fixed order, so results are deterministic.
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "../lstm_cell.h"
+#include "lstm_cuda.h"
+
+namespace lstm_fused::cuda {
+namespace {
+
+namespace cg = cooperative_groups;
+
+constexpr int kThreads = 256;  // per block
+constexpr int kRows = 8;       // batch rows per product tile
+constexpr int kChunk = 128;    // reduction (k) values staged per pass
+constexpr int kMinUnits = 8;   // hidden units per block, at least
+
+// Loads of what other blocks wrote during the launch: past L1 (.cg), which
+// is not coherent across multiprocessors.
+__device__ __forceinline__ float load_cg(const float* p) { return __ldcg(p); }
+__device__ __forceinline__ float load_cg(const c10::Half* p) {
+  return __half2float(__ldcg(reinterpret_cast<const __half*>(p)));
+}
+__device__ __forceinline__ float load_cg(const c10::BFloat16* p) {
+  return __bfloat162float(__ldcg(reinterpret_cast<const __nv_bfloat16*>(p)));
+}
+
+__host__ __device__ inline size_t align16(size_t n) { return (n + 15) / 16 * 16; }
+__host__ __device__ inline int imin(int a, int b) { return a < b ? a : b; }
+
+// Dynamic shared memory of a block: the weight slices (storage type T),
+// then the float scratch of tile_product.
+struct Shared {
+  size_t w, wr, stage, part, out, total;
+  // w: [w_rows][w_cols] T, wr: [wr_rows][wr_cols] T (0 rows without projection),
+  // products of at most `cols` columns.
+  __host__ __device__ Shared(size_t t_size, int w_rows, int w_cols, int wr_rows, int wr_cols,
+                             int cols) {
+    w = 0;
+    wr = align16(w + t_size * w_rows * w_cols);
+    stage = align16(wr + t_size * wr_rows * wr_cols);
+    part = align16(stage + sizeof(float) * kRows * kChunk);
+    out = align16(part + sizeof(float) * kRows * kThreads);
+    total = align16(out + sizeof(float) * kRows * cols);
+  }
+};
+
+// The shared memory layouts of the two kernels for u units and up
+// projection columns per block.
+__host__ __device__ inline Shared forward_shared(size_t t_size, int H, int P, int u, int up,
+                                                 bool proj) {
+  return Shared(t_size, P, 4 * u, proj ? H : 0, up, proj ? (4 * u > up ? 4 * u : up) : 4 * u);
+}
+__host__ __device__ inline Shared backward_shared(size_t t_size, int H, int P, int u, int up,
+                                                  bool proj) {
+  return Shared(t_size, 4 * H, up, proj ? P : 0, u, up > u ? up : u);
+}
+
+// out[r][n] = sum_k in(r, k) w[k][n] for r < rows (<= kRows), n < N (<=
+// kThreads), w in shared memory. The k of each staged chunk are split
+// among kThreads / N groups of threads; their partial sums are added in
+// group order. Ends at a barrier: `out` is complete, the scratch free.
+template <typename W, typename In>
+__device__ void tile_product(const In& in, int rows, int K, const W* w, int N, float* stage,
+                             float* part, float* out) {
+  const int tid = threadIdx.x, groups = kThreads / N, n = tid % N, g = tid / N;
+  float acc[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) acc[r] = 0.f;
+  for (int k0 = 0; k0 < K; k0 += kChunk) {
+    const int kc = imin(kChunk, K - k0);
+    for (int e = tid; e < rows * kChunk; e += kThreads) {
+      const int r = e / kChunk, k = e % kChunk;
+      stage[e] = k < kc ? in(r, k0 + k) : 0.f;
+    }
+    __syncthreads();
+    if (g < groups) {
+      for (int k = g; k < kc; k += groups) {
+        const float wk = static_cast<float>(w[(k0 + k) * N + n]);
+#pragma unroll
+        for (int r = 0; r < kRows; ++r)
+          if (r < rows) acc[r] += stage[r * kChunk + k] * wk;
+      }
+    }
+    __syncthreads();
+  }
+  if (g < groups) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r)
+      if (r < rows) part[(g * kRows + r) * N + n] = acc[r];
+  }
+  __syncthreads();
+  for (int e = tid; e < rows * N; e += kThreads) {
+    const int r = e / N, c = e % N;
+    float s = 0.f;
+    for (int gg = 0; gg < groups; ++gg) s += part[(gg * kRows + r) * N + c];
+    out[r * N + c] = s;
+  }
+  __syncthreads();
+}
+
+struct Steps {
+  StepRows rows;
+  bool reverse;
+  __device__ int step(int k) const { return reverse ? rows.steps - 1 - k : k; }
+  __device__ int count(int t) const {
+    return rows.offsets != nullptr ? rows.offsets[rows.steps + t] : rows.batch;
+  }
+  __device__ int first(int t) const {
+    return rows.offsets != nullptr ? rows.offsets[t] : t * rows.batch;
+  }
+  // Rows of the k-th step in processing order; 0 outside [0, steps).
+  __device__ int count_at(int k) const {
+    return k >= 0 && k < rows.steps ? count(step(k)) : 0;
+  }
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(const PersistentForward<T> p, int u, int up) {
+  cg::grid_group grid = cg::this_grid();
+  const int H = p.hidden, P = p.proj, G = 4 * H, N = 4 * u, tid = threadIdx.x;
+  const bool proj = p.w_hr != nullptr;
+  const int j0 = blockIdx.x * u, nu = imin(u, H - j0);
+  const int c0 = blockIdx.x * up, np = imin(up, P - c0);  // np <= 0: no columns
+  const Steps S{p.rows, p.reverse};
+  const Shared L = forward_shared(sizeof(T), H, P, u, up, proj);
+  LSTM_DYNAMIC_SHARED(unsigned char, smem);
+  T* w = reinterpret_cast<T*>(smem + L.w);     // [P][4u]: w[k][g*u + j] = W_hh[g*H + j0 + j][k]
+  T* wr = reinterpret_cast<T*>(smem + L.wr);   // [H][up]: wr[k][c] = W_hr[c0 + c][k]
+  float* stage = reinterpret_cast<float*>(smem + L.stage);
+  float* part = reinterpret_cast<float*>(smem + L.part);
+  float* out = reinterpret_cast<float*>(smem + L.out);
+
+  for (int e = tid; e < N * P; e += kThreads) {
+    const int n = e / P, k = e % P, g = n / u, j = n % u;
+    w[k * N + n] = j < nu ? p.w_hh[static_cast<int64_t>(g * H + j0 + j) * P + k] : T(0);
+  }
+  if (proj)
+    for (int e = tid; e < up * H; e += kThreads) {
+      const int c = e / H, k = e % H;
+      wr[k * up + c] = c < np ? p.w_hr[static_cast<int64_t>(c0 + c) * H + k] : T(0);
+    }
+  __syncthreads();
+
+  for (int k = 0; k < S.rows.steps; ++k) {
+    const int t = S.step(k), n = S.count(t), r0 = S.first(t);
+    const int n_prev = S.count_at(k - 1), r_prev = k > 0 ? S.first(S.step(k - 1)) : 0;
+    for (int b0 = 0; b0 < n; b0 += kRows) {
+      const int rows = imin(kRows, n - b0);
+      // h_{t-1} of each row: y of the previous step, or h0 where the row starts.
+      auto h_prev = [&](int r, int kk) {
+        const int b = b0 + r;
+        return b < n_prev ? load_cg(p.y + static_cast<int64_t>(r_prev + b) * P + kk)
+                          : static_cast<float>(p.h0[static_cast<int64_t>(b) * P + kk]);
+      };
+      tile_product(h_prev, rows, P, w, N, stage, part, out);
+      for (int e = tid; e < rows * nu; e += kThreads) {
+        const int r = e / nu, j = e % nu, b = b0 + r, unit = j0 + j;
+        const int64_t row = r0 + b;
+        const float* xg = p.xg + row * G + unit;
+        float zi = out[r * N + j] + xg[0], zf = out[r * N + u + j] + xg[H];
+        float zg = out[r * N + 2 * u + j] + xg[2 * H], zo = out[r * N + 3 * u + j] + xg[3 * H];
+        if (p.bias != nullptr) {
+          zi += p.bias[unit];
+          zf += p.bias[H + unit];
+          zg += p.bias[2 * H + unit];
+          zo += p.bias[3 * H + unit];
+        }
+        float& c_state = p.c_state[static_cast<int64_t>(b) * H + unit];
+        float c, h;
+        cell_forward(zi, zf, zg, zo, c_state, c, h);
+        c_state = c;
+        if (p.gates != nullptr) {
+          T* gates = p.gates + row * G + unit;
+          gates[0] = static_cast<T>(zi);
+          gates[H] = static_cast<T>(zf);
+          gates[2 * H] = static_cast<T>(zg);
+          gates[3 * H] = static_cast<T>(zo);
+        }
+        if (p.cells != nullptr) p.cells[row * H + unit] = static_cast<T>(c);
+        if (proj)
+          p.h_pre[static_cast<int64_t>(b) * H + unit] = static_cast<T>(h);
+        else
+          p.y[row * P + unit] = static_cast<T>(h);
+      }
+    }
+    grid.sync();  // h_t (or h_pre) of every unit written
+    if (!proj) continue;
+    if (np > 0) {
+      for (int b0 = 0; b0 < n; b0 += kRows) {
+        const int rows = imin(kRows, n - b0);
+        auto h_pre = [&](int r, int kk) {
+          return load_cg(p.h_pre + static_cast<int64_t>(b0 + r) * H + kk);
+        };
+        tile_product(h_pre, rows, H, wr, up, stage, part, out);
+        for (int e = tid; e < rows * np; e += kThreads) {
+          const int r = e / np, c = e % np;
+          p.y[static_cast<int64_t>(r0 + b0 + r) * P + c0 + c] = static_cast<T>(out[r * up + c]);
+        }
+      }
+    }
+    grid.sync();  // y_t complete; h_pre free for the next step
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    backward_kernel(const PersistentBackward<T> p, int u, int up) {
+  cg::grid_group grid = cg::this_grid();
+  const int H = p.hidden, P = p.proj, G = 4 * H, tid = threadIdx.x;
+  const bool proj = p.w_hr != nullptr;
+  const int j0 = blockIdx.x * u, nu = imin(u, H - j0);
+  const int c0 = blockIdx.x * up, np = imin(up, P - c0);
+  const Steps S{p.rows, p.reverse};
+  const Shared L = backward_shared(sizeof(T), H, P, u, up, proj);
+  LSTM_DYNAMIC_SHARED(unsigned char, smem);
+  T* w = reinterpret_cast<T*>(smem + L.w);    // [4H][up]: w[k][c] = W_hh[k][c0 + c]
+  T* wr = reinterpret_cast<T*>(smem + L.wr);  // [P][u]: wr[k][j] = W_hr[k][j0 + j]
+  float* stage = reinterpret_cast<float*>(smem + L.stage);
+  float* part = reinterpret_cast<float*>(smem + L.part);
+  float* out = reinterpret_cast<float*>(smem + L.out);
+
+  for (int e = tid; e < G * up; e += kThreads) {
+    const int k = e / up, c = e % up;
+    w[e] = c < np ? p.w_hh[static_cast<int64_t>(k) * P + c0 + c] : T(0);
+  }
+  if (proj)
+    for (int e = tid; e < P * u; e += kThreads) {
+      const int k = e / u, j = e % u;
+      wr[e] = j < nu ? p.w_hr[static_cast<int64_t>(k) * H + j0 + j] : T(0);
+    }
+  __syncthreads();
+
+  for (int k = S.rows.steps - 1; k >= 0; --k) {
+    const int t = S.step(k), n = S.count(t), r0 = S.first(t);
+    const int n_prev = S.count_at(k - 1), r_prev = k > 0 ? S.first(S.step(k - 1)) : 0;
+    for (int b0 = 0; b0 < n; b0 += kRows) {
+      const int rows = imin(kRows, n - b0);
+      if (proj) {  // dh' = dh_t W_hr for this block's units
+        auto dh = [&](int r, int kk) {
+          return load_cg(p.dh + static_cast<int64_t>(r0 + b0 + r) * P + kk);
+        };
+        tile_product(dh, rows, P, wr, u, stage, part, out);
+      }
+      for (int e = tid; e < rows * nu; e += kThreads) {
+        const int r = e / nu, j = e % nu, b = b0 + r, unit = j0 + j;
+        const int64_t row = r0 + b;
+        // Without projection, column `unit` of dh is this block's own.
+        const float dh = proj ? out[r * u + j] : p.dh[row * P + unit];
+        const T* gates = p.gates + row * G + unit;
+        const float i = static_cast<float>(gates[0]), f = static_cast<float>(gates[H]);
+        const float g = static_cast<float>(gates[2 * H]), o = static_cast<float>(gates[3 * H]);
+        const float c = static_cast<float>(p.cells[row * H + unit]);
+        const float c_prev = static_cast<float>(
+            b < n_prev ? p.cells[static_cast<int64_t>(r_prev + b) * H + unit]
+                       : p.c0[static_cast<int64_t>(b) * H + unit]);
+        float& dc = p.dc[static_cast<int64_t>(b) * H + unit];
+        float di, df, dg, dout, dc_prev;
+        cell_backward(i, f, g, o, c, c_prev, dh, dc, di, df, dg, dout, dc_prev);
+        dc = dc_prev;
+        float* dgates = p.dgates + row * G + unit;
+        dgates[0] = di;
+        dgates[H] = df;
+        dgates[2 * H] = dg;
+        dgates[3 * H] = dout;
+      }
+    }
+    grid.sync();  // dG_t of every unit written
+    if (np > 0) {
+      for (int b0 = 0; b0 < n; b0 += kRows) {
+        const int rows = imin(kRows, n - b0);
+        auto dg = [&](int r, int kk) {
+          return load_cg(p.dgates + static_cast<int64_t>(r0 + b0 + r) * G + kk);
+        };
+        tile_product(dg, rows, G, w, up, stage, part, out);
+        // dh_{t-1} += dG_t W_hh: into the previous step's rows, or dh0 for
+        // the rows that start at this step.
+        for (int e = tid; e < rows * np; e += kThreads) {
+          const int r = e / np, c = e % np, b = b0 + r, col = c0 + c;
+          if (b < n_prev)
+            p.dh[static_cast<int64_t>(r_prev + b) * P + col] += out[r * up + c];
+          else
+            p.dh0[static_cast<int64_t>(b) * P + col] = out[r * up + c];
+        }
+      }
+    }
+    if (proj)
+      grid.sync();  // dh_{t-1} complete: every block's next dh' reads every column
+    else
+      __syncthreads();  // this block's columns of dh_{t-1} are its next units
+  }
+}
+
+template <typename T>
+int resident_per_sm(void (*kernel)(T, int, int), size_t shared) {
+  int blocks = 0;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(shared)) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, shared) !=
+          cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return blocks;
+}
+
+// u hidden units per block: at least kMinUnits, at most as many blocks as
+// multiprocessors (one block each: the weight slices fill their shared
+// memory); up projection columns per block.
+template <typename Params, typename Layout>
+Plan plan(int H, int P, bool proj, size_t t_size, Layout layout,
+          void (*kernel)(Params, int, int)) {
+  Plan plan;
+  int device = 0, cooperative = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    plan.why = "the device cannot be queried";
+    return plan;
+  }
+  if (!cooperative) {
+    plan.why = "the device has no cooperative launch";
+    return plan;
+  }
+  const int u = std::max(kMinUnits, (H + sms - 1) / sms);
+  const int blocks = (H + u - 1) / u;
+  const int up = proj ? (P + blocks - 1) / blocks : u;
+  if (4 * u > kThreads || up > kThreads) {
+    plan.why = "more hidden units per block than the kernels' threads";
+    return plan;
+  }
+  const size_t shared = layout(t_size, H, P, u, up, proj).total;
+  cudaDeviceProp prop;
+  if (cudaGetDeviceProperties(&prop, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    plan.why = "the device cannot be queried";
+    return plan;
+  }
+  if (shared > prop.sharedMemPerBlockOptin) {
+    plan.why = "the recurrent weights do not fit in shared memory";
+    return plan;
+  }
+  if (static_cast<long long>(resident_per_sm(kernel, shared)) * sms < blocks) {
+    plan.why = "the grid cannot be resident at once";
+    return plan;
+  }
+  plan.persistent = true;
+  plan.blocks = blocks;
+  plan.units = u;
+  plan.proj_units = up;
+  plan.shared = shared;
+  return plan;
+}
+
+}  // namespace
+
+template <typename T>
+Plan plan_forward(int hidden, int proj_size) {
+  const bool proj = proj_size != hidden;
+  return plan(hidden, proj_size, proj, sizeof(T), &forward_shared, &forward_kernel<T>);
+}
+
+template <typename T>
+Plan plan_backward(int hidden, int proj_size) {
+  const bool proj = proj_size != hidden;
+  return plan(hidden, proj_size, proj, sizeof(T), &backward_shared, &backward_kernel<T>);
+}
+
+// The kernel's dynamic shared memory limit raised to the plan's (the
+// attribute is the kernel's, whichever plan set it last).
+template <typename K>
+void allow_shared(K* kernel, const Plan& plan) {
+  LSTM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(plan.shared)));
+}
+
+template <typename T>
+void persistent_forward(const PersistentForward<T>& p, const Plan& plan, cudaStream_t stream) {
+  allow_shared(&forward_kernel<T>, plan);
+  launch<kThreads>(&forward_kernel<T>, dim3(plan.blocks), dim3(kThreads), plan.shared, stream,
+                   true, p, plan.units, plan.proj_units);
+}
+
+template <typename T>
+void persistent_backward(const PersistentBackward<T>& p, const Plan& plan, cudaStream_t stream) {
+  allow_shared(&backward_kernel<T>, plan);
+  launch<kThreads>(&backward_kernel<T>, dim3(plan.blocks), dim3(kThreads), plan.shared, stream,
+                   true, p, plan.units, plan.proj_units);
+}
+
+#define LSTM_FUSED_INSTANTIATE(T)                                                            \
+  template Plan plan_forward<T>(int, int);                                                   \
+  template Plan plan_backward<T>(int, int);                                                  \
+  template void persistent_forward<T>(const PersistentForward<T>&, const Plan&, cudaStream_t); \
+  template void persistent_backward<T>(const PersistentBackward<T>&, const Plan&, cudaStream_t);
+LSTM_FUSED_INSTANTIATE(float)
+LSTM_FUSED_INSTANTIATE(c10::Half)
+LSTM_FUSED_INSTANTIATE(c10::BFloat16)
+#undef LSTM_FUSED_INSTANTIATE
+
+}  // namespace lstm_fused::cuda
