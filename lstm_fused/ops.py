@@ -6,7 +6,10 @@ C++ (csrc/ops.cpp) with CPU and CUDA implementations; this file adds what
 torch.compile/export and autograd need, and `layer`, the differentiable call
 the module uses.
 """
+import sys
+
 import torch
+import torch.nn.functional as F
 
 from . import _C  # noqa: F401  (registers the ops)
 from . import reference
@@ -95,6 +98,56 @@ torch.library.register_autograd(
     "lstm_fused::layer_forward", _backward, setup_context=_setup_context)
 
 
+def export_mode():
+    """"onnx" under torch.onnx.export(dynamo=True) (where our layers export
+    as standard ONNX ops), "torch" under torch.jit.trace (the TorchScript
+    ONNX exporter traces) or an ONNX export by a torch without torch.onnx.ops
+    (< 2.8): then the modules run torch.nn's forward, whose graph is the
+    standard one. Else None. No ONNX export runs unless torch.onnx was
+    imported (`import torch` does not)."""
+    if torch.jit.is_tracing():
+        return "torch"
+    onnx = sys.modules.get("torch.onnx")
+    if onnx is not None and onnx.is_in_onnx_export():
+        return "onnx" if hasattr(onnx, "ops") else "torch"
+    return None
+
+
+def _onnx_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
+    """The layer in standard ONNX ops for torch.onnx.export(dynamo=True), for
+    any sequence length and batch: the ONNX LSTM op, written as is, or, with
+    a projection (which that op lacks), an ONNX Scan over the steps. Packed
+    input the modules export through nn.LSTM's graph."""
+    if batch_sizes is not None:
+        raise NotImplementedError("lstm_fused: ONNX export of a layer over packed input")
+    batch, hidden = c0.shape
+    x = x.view(-1, batch, x.shape[1])
+    if w_hr is not None:
+        from torch._higher_order_ops.scan import scan
+
+        def scan_step(carry, gates_x):
+            h, c = reference.step(gates_x + F.linear(carry[0], w_hh), carry[1], w_hr)
+            return (h, c), h.clone()
+        (h_n, c_n), y = scan(scan_step, (h0, c0), reference.input_gates(x, w_ih, b_ih, b_hh),
+                             reverse=reverse)
+        return y.view(-1, h_n.shape[1]), h_n, c_n
+
+    def onnx_order(w):  # torch's gates i, f, g, o; ONNX's i, o, f, c
+        i, f, g, o = w.chunk(4)
+        return torch.cat([i, o, f, g])
+    bias = None
+    if b_ih is not None or b_hh is not None:
+        bias = torch.cat([onnx_order(b) if b is not None else w_ih.new_zeros(4 * hidden)
+                          for b in (b_ih, b_hh)])[None]
+    y, h_n, c_n = torch.onnx.ops.symbolic_multi_out(
+        "LSTM", [x, onnx_order(w_ih)[None], onnx_order(w_hh)[None], bias, None,
+                 h0[None], c0[None]],
+        {"hidden_size": hidden, "direction": "reverse" if reverse else "forward"},
+        dtypes=[x.dtype] * 3,
+        shapes=[[x.shape[0], 1, batch, hidden], [1, batch, hidden], [1, batch, hidden]])
+    return y.view(-1, hidden), h_n[0], c_n[0]
+
+
 def layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, batch_sizes=None,
           reverse=False):
     """One LSTM layer in one direction: returns (y, h_n, c_n).
@@ -102,6 +155,8 @@ def layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, batch_sizes=No
     x is [rows, input_size]: T steps of the batch of h0 one after another, or,
     with `batch_sizes` (int64 CPU tensor, as in PackedSequence), packed rows.
     """
+    if export_mode() == "onnx":
+        return _onnx_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
     if not torch.is_grad_enabled():
         # Inference keeps nothing for backward.
         args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, False)
