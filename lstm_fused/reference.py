@@ -1,8 +1,8 @@
 """The LSTM layer in plain differentiable torch ops, step by step.
 
 Same arguments and results (y, h_n, c_n) as `ops.layer`. Slow; it serves the
-double backward (see ops._backward), the ONNX export of a projected layer, and
-tests.
+derivatives beyond the first and forward mode (see ops.py), the ONNX export of
+a projected layer, and tests.
 """
 import torch
 import torch.nn.functional as F
