@@ -3,6 +3,10 @@ from . import ops  # noqa: F401  (imports torch, loads the kernels, registers th
 from . import _C
 from .modules import LSTM
 from .cell import LSTMCell
+try:
+    from . import quantization  # noqa: F401  (quantize_dynamic knows our modules)
+except ImportError:  # a torch without eager-mode quantization
+    pass
 
 
 def cpu_isa():

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .modules import _HALF_NATIVE, _HALF_TYPES, _has_kernel
+from .modules import _HALF_NATIVE, _HALF_TYPES, _has_kernel, as_torch
 
 class LSTMCell(nn.LSTMCell):
     """Drop-in replacement for :class:`torch.nn.LSTMCell`.
@@ -21,13 +21,18 @@ class LSTMCell(nn.LSTMCell):
     float16/bfloat16 run in float32 and are cast back.
     """
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script compiles nn.LSTMCell's forward; ours is not TorchScript.
+        return as_torch(self)
+
     def forward(self, input, hx=None):
         w_ih = self.weight_ih
         dim = input.dim()
         H = self.hidden_size
         B = input.shape[0] if dim == 2 else 1
         shape = (B, H) if dim == 2 else (H,)
-        if not (dim in (1, 2) and input.shape[-1] == self.input_size and B > 0
+        if ops.export_mode() or not (
+                dim in (1, 2) and input.shape[-1] == self.input_size and B > 0
                 and input.dtype == w_ih.dtype and input.device == w_ih.device
                 and _has_kernel(input.device.type)
                 and (hx is None or (len(hx) == 2 and hx[0].shape == shape

@@ -1,4 +1,5 @@
 """lstm_fused.LSTM: torch.nn.LSTM with its forward run by the fused ops."""
+import copy
 import importlib.abc
 import importlib.util
 import sys
@@ -59,6 +60,15 @@ def _has_kernel(device_type):
     return device_type in _KERNEL_DEVICES
 
 
+def as_torch(module):
+    """lstm_fused.LSTM or LSTMCell as its torch.nn class, for torch code that
+    wants that exact class (torch.jit.script, the quantized modules'
+    from_float): a shallow copy, on the same parameters."""
+    plain = copy.copy(module)
+    plain.__class__ = nn.LSTM if isinstance(module, nn.LSTM) else nn.LSTMCell
+    return plain
+
+
 def _autocast_dtype(x):
     """The dtype float32 input runs in under autocast, as in nn.LSTM (whose
     cuDNN and oneDNN paths cast to the autocast dtype), or None."""
@@ -76,7 +86,15 @@ class LSTM(nn.LSTM):
     On CPU, float16/bfloat16 run in float32 and are cast back.
     """
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script compiles nn.LSTM's forward; ours is not TorchScript.
+        return as_torch(self)
+
     def forward(self, input, hx=None):  # noqa: C901  (mirrors nn.LSTM.forward)
+        mode = ops.export_mode()
+        if mode == "torch" or (mode == "onnx" and isinstance(input, PackedSequence)):
+            # nn.LSTM's graph (aten::lstm), as the exporters know it.
+            return super().forward(input, hx)
         orig_input, orig_hx = input, hx
         num_directions = 2 if self.bidirectional else 1
         real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size

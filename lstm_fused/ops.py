@@ -6,7 +6,11 @@ C++ (csrc/ops.cpp) with CPU and CUDA implementations; this file adds what
 torch.compile/export and autograd need, and `layer`, the differentiable call
 the module uses.
 """
+import sys
+
 import torch
+import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 from . import _C  # noqa: F401  (registers the ops)
 from . import reference
@@ -63,36 +67,240 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
     *inputs, y, gates, cells = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph=True: a double backward may follow
-        return _backward_differentiable(ctx, inputs, (grad_y, grad_h_n, grad_c_n))
-    x, h0, c0, w_ih, w_hh, _, _, w_hr, batch_sizes = inputs
-    has_bias = any(ctx.bias)
-    dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = _ops.layer_backward(
-        grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes,
-        ctx.reverse, has_bias, y, gates, cells)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes = inputs
+    grads = (grad_y, grad_h_n, grad_c_n)
+    if torch.is_grad_enabled():
+        # create_graph=True, or torch.func (whose grad and vjp always run
+        # backward so): the same op, its result differentiable.
+        dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = _Backward.apply(
+            *grads, *inputs, ctx.reverse, y, gates, cells)
+    else:
+        dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = _ops.layer_backward(
+            *grads, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, ctx.reverse, any(ctx.bias),
+            y, gates, cells)
     return (dx, dh0, dc0, dw_ih, dw_hh,
             db if ctx.bias[0] else None, db if ctx.bias[1] else None,
             dw_hr if w_hr is not None else None, None, None, None)
 
 
-def _backward_differentiable(ctx, inputs, grads):
-    """The gradients as a differentiable function of the inputs and of
-    `grads`: autograd through the layer recomputed in plain torch ops."""
-    wanted = [i for i, need in enumerate(ctx.needs_input_grad[:8]) if need]
-    with torch.enable_grad():
-        outputs = reference.layer(*inputs, reverse=ctx.reverse)
-    pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None]
-    found = torch.autograd.grad(
-        [o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
-        create_graph=True, allow_unused=True)
-    result = [None] * 11
+torch.library.register_autograd(
+    "lstm_fused::layer_forward", _backward, setup_context=_setup_context)
+
+
+def _vmap_loop(op, info, in_dims, *args):
+    """op over vmap's dimension: one call per entry, the results stacked."""
+    def entry(n):
+        return [a.select(d, n) if d is not None else a for a, d in zip(args, in_dims)]
+    results = [op(*entry(n)) for n in range(info.batch_size)]
+    return tuple(torch.stack(r) for r in zip(*results)), (0,) * len(results[0])
+
+
+@torch.library.register_vmap("lstm_fused::layer_forward")
+def _layer_forward_vmap(info, in_dims, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
+                        reverse, save=True):
+    """vmap of padded input under shared weights folds vmap's dimension into
+    the batch: one call. Anything else (packed, per-entry weights) loops."""
+    args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, save)
+    n = info.batch_size
+    x, h0, c0 = (t.movedim(d, 0) if d is not None else t.expand(n, *t.shape)
+                 for t, d in zip((x, h0, c0), in_dims))
+    batch = h0.shape[1]
+    if batch_sizes is not None or any(d is not None for d in in_dims[3:8]) or batch == 0:
+        return _vmap_loop(_forward, info, in_dims, *args)
+    steps = x.shape[1] // batch
+
+    def fold(t):  # [n, steps * batch, w] -> [steps * n * batch, w], step-major
+        return t.reshape(n, steps, batch, -1).transpose(0, 1).reshape(steps * n * batch, -1)
+
+    def unfold(t):
+        return t.view(steps, n, batch, -1).transpose(0, 1).reshape(n, steps * batch, -1)
+    y, h_n, c_n, gates, cells = _forward(
+        fold(x), h0.reshape(n * batch, -1), c0.reshape(n * batch, -1),
+        w_ih, w_hh, b_ih, b_hh, w_hr, None, reverse, save)
+    saved = (unfold(gates), unfold(cells)) if save else (gates, cells)  # none kept: [0, w]
+    return ((unfold(y), h_n.view(n, batch, -1), c_n.view(n, batch, -1), *saved),
+            (0, 0, 0) + ((0, 0) if save else (None, None)))
+
+
+@torch.library.register_vmap("lstm_fused::layer_backward")
+def _layer_backward_vmap(info, in_dims, *args):
+    """The weight gradients differ per entry (per-sample gradients): one
+    call per entry."""
+    return _vmap_loop(_ops.layer_backward.default, info, in_dims, *args)
+
+
+# Derivatives of derivatives, and forward mode: of the same functions
+# written in plain torch ops (reference.layer and its vjp), by torch.func,
+# which composes with its own transforms (autograd.grad does not: their
+# backward may run after their level has ended).
+
+def _partial(f, args, which):
+    """f as a function of args[i] for i in which, the other args fixed."""
+    def f_of(*values):
+        full = list(args)
+        for i, v in zip(which, values):
+            full[i] = v
+        return f(*full)
+    return f_of
+
+
+def _reference_layer(batch_sizes, reverse):
+    return lambda *inputs: reference.layer(*inputs, batch_sizes=batch_sizes, reverse=reverse)
+
+
+def _backward_results(inputs):
+    """Which of the 8 layer inputs layer_backward's 7 results are the
+    gradients of (its one bias gradient is b_ih's and b_hh's), and which of
+    the 7 are there."""
+    has_bias, has_proj = inputs[5] is not None or inputs[6] is not None, inputs[7] is not None
+    grads_of = [0, 1, 2, 3, 4] + ([5 if inputs[5] is not None else 6] if has_bias else [])
+    return grads_of + ([7] if has_proj else []), [True] * 5 + [has_bias, has_proj]
+
+
+def _reference_backward(batch_sizes, reverse):
+    """(grad_y, grad_h_n, grad_c_n, *8 layer inputs) -> what layer_backward
+    gives, less the absent bias and projection gradients, in plain torch ops."""
+    def backward(*args):
+        grads, inputs = args[:3], args[3:]
+        grads_of, _ = _backward_results(inputs)
+        _, pullback = torch.func.vjp(
+            _partial(_reference_layer(batch_sizes, reverse), inputs, grads_of),
+            *(inputs[i] for i in grads_of))
+        return pullback(tuple(grads))
+    return backward
+
+
+def _vjp(f, args, needs, cotangents, total):
+    """Gradients of <f(args), cotangents> for the args that need them."""
+    wanted = [i for i, need in enumerate(needs) if need]
+    outputs, pullback = torch.func.vjp(_partial(f, args, wanted), *(args[i] for i in wanted))
+    found = pullback(tuple(c if c is not None else torch.zeros_like(o)
+                           for o, c in zip(outputs, cotangents)))
+    result = [None] * total
     for i, g in zip(wanted, found):
         result[i] = g
     return tuple(result)
 
 
-torch.library.register_autograd(
-    "lstm_fused::layer_forward", _backward, setup_context=_setup_context)
+def _jvp(f, args, tangents):
+    """J t as the vjp of the vjp (linear in its cotangent): reverse mode only,
+    so it also runs inside forward-mode AD, which does not nest."""
+    given = [i for i, t in enumerate(tangents) if t is not None]
+    outputs, pullback = torch.func.vjp(_partial(f, args, given), *(args[i] for i in given))
+    _, pullback_of_pullback = torch.func.vjp(
+        pullback, tuple(torch.zeros_like(o) for o in outputs))
+    (out,) = pullback_of_pullback(tuple(tangents[i] for i in given))
+    return out
+
+
+class _Layer(torch.autograd.Function):
+    """layer_forward and the autograd above as an autograd.Function, the form
+    torch.func's transforms take (they refuse the function register_autograd
+    makes, torch 2.13). vmap runs the ops' batching rules."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*args):
+        return _forward(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:8])
+        ctx.batch_sizes = inputs[8]
+
+    backward = staticmethod(_backward)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        f = _reference_layer(ctx.batch_sizes, ctx.reverse)
+        return (*_jvp(f, ctx.saved_tensors, tangents[:8]), None, None)
+
+
+class _Backward(torch.autograd.Function):
+    """layer_backward as a differentiable function of the output gradients
+    and the layer's inputs: the values from the fused op, their derivatives
+    from _reference_backward."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+                batch_sizes, reverse, y, gates, cells):
+        return _ops.layer_backward(
+            grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse,
+            b_ih is not None or b_hh is not None, y, gates, cells)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:11])
+        ctx.save_for_forward(*inputs[:11])
+        ctx.batch_sizes, ctx.reverse = inputs[11], inputs[12]
+
+    @staticmethod
+    def backward(ctx, *cotangents):
+        args = ctx.saved_tensors
+        _, present = _backward_results(args[3:])
+        return _vjp(_reference_backward(ctx.batch_sizes, ctx.reverse), args,
+                    ctx.needs_input_grad[:11],
+                    [c for c, there in zip(cotangents, present) if there], 16)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        args = ctx.saved_tensors
+        _, present = _backward_results(args[3:])
+        out = iter(_jvp(_reference_backward(ctx.batch_sizes, ctx.reverse), args, tangents[:11]))
+        empty = args[3].new_zeros(0)  # the tangent of an absent (empty) result
+        return tuple(next(out) if there else empty for there in present)
+
+
+def export_mode():
+    """"onnx" under torch.onnx.export(dynamo=True) (where our layers export
+    as standard ONNX ops), "torch" under torch.jit.trace (the TorchScript
+    ONNX exporter traces) or an ONNX export by a torch without torch.onnx.ops
+    (< 2.8): then the modules run torch.nn's forward, whose graph is the
+    standard one. Else None. No ONNX export runs unless torch.onnx was
+    imported (`import torch` does not)."""
+    if torch.jit.is_tracing():
+        return "torch"
+    onnx = sys.modules.get("torch.onnx")
+    if onnx is not None and onnx.is_in_onnx_export():
+        return "onnx" if hasattr(onnx, "ops") else "torch"
+    return None
+
+
+def _onnx_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
+    """The layer in standard ONNX ops for torch.onnx.export(dynamo=True), for
+    any sequence length and batch: the ONNX LSTM op, written as is, or, with
+    a projection (which that op lacks), an ONNX Scan over the steps. Packed
+    input the modules export through nn.LSTM's graph."""
+    if batch_sizes is not None:
+        raise NotImplementedError("lstm_fused: ONNX export of a layer over packed input")
+    batch, hidden = c0.shape
+    x = x.view(-1, batch, x.shape[1])
+    if w_hr is not None:
+        from torch._higher_order_ops.scan import scan
+
+        def scan_step(carry, gates_x):
+            h, c = reference.step(gates_x + F.linear(carry[0], w_hh), carry[1], w_hr)
+            return (h, c), h.clone()
+        (h_n, c_n), y = scan(scan_step, (h0, c0), reference.input_gates(x, w_ih, b_ih, b_hh),
+                             reverse=reverse)
+        return y.view(-1, h_n.shape[1]), h_n, c_n
+
+    def onnx_order(w):  # torch's gates i, f, g, o; ONNX's i, o, f, c
+        i, f, g, o = w.chunk(4)
+        return torch.cat([i, o, f, g])
+    bias = None
+    if b_ih is not None or b_hh is not None:
+        bias = torch.cat([onnx_order(b) if b is not None else w_ih.new_zeros(4 * hidden)
+                          for b in (b_ih, b_hh)])[None]
+    y, h_n, c_n = torch.onnx.ops.symbolic_multi_out(
+        "LSTM", [x, onnx_order(w_ih)[None], onnx_order(w_hh)[None], bias, None,
+                 h0[None], c0[None]],
+        {"hidden_size": hidden, "direction": "reverse" if reverse else "forward"},
+        dtypes=[x.dtype] * 3,
+        shapes=[[x.shape[0], 1, batch, hidden], [1, batch, hidden], [1, batch, hidden]])
+    return y.view(-1, hidden), h_n[0], c_n[0]
 
 
 def layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, batch_sizes=None,
@@ -102,17 +310,22 @@ def layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, batch_sizes=No
     x is [rows, input_size]: T steps of the batch of h0 one after another, or,
     with `batch_sizes` (int64 CPU tensor, as in PackedSequence), packed rows.
     """
-    if not torch.is_grad_enabled():
+    if export_mode() == "onnx":
+        return _onnx_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
+    args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
+    if not torch.compiler.is_compiling() and (
+            torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0):
+        # torch.func's transforms (grad, vmap, jvp...), or forward-mode AD.
+        y, h_n, c_n, _, _ = _Layer.apply(*args, torch.is_grad_enabled())
+    elif not torch.is_grad_enabled():
         # Inference keeps nothing for backward.
-        args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, False)
         if torch.compiler.is_compiling():
-            y, h_n, c_n, _, _ = _forward(*args)
+            y, h_n, c_n, _, _ = _forward(*args, False)
         else:
             # Straight to the device kernel, past the Python autograd wrapper
             # (about half of a short call's host time).
             with torch._C._AutoDispatchBelowAutograd():
-                y, h_n, c_n, _, _ = _forward(*args)
+                y, h_n, c_n, _, _ = _forward(*args, False)
     else:
-        y, h_n, c_n, _, _ = _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
-                                     reverse)
+        y, h_n, c_n, _, _ = _forward(*args)
     return y, h_n, c_n

@@ -132,3 +132,11 @@ def assert_threads_match_serial(work, inputs, rounds=1):
         for k, expected in enumerate(serial):
             for u, v in zip(results[r][k], expected):
                 assert torch.equal(u, v), f"round {r}, thread {k}"
+
+
+def readme_code(section):
+    """The first ```python block of the README's section `## {section}`."""
+    from pathlib import Path
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return body.split("```python\n", 1)[1].split("```", 1)[0]
