@@ -20,4 +20,11 @@ TORCH_LIBRARY(lstm_fused, m) {
       "Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, "
       "bool reverse, bool has_bias, Tensor y, Tensor gates, Tensor cells) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // What the CUDA implementation runs for a layer of these sizes on the
+  // current device: [persistent (1) or per-step (0), blocks, hidden units per
+  // block, projection columns per block, bytes of shared memory per block],
+  // for layer_forward then layer_backward. (The bench shows it.)
+  m.def(
+      "cuda_plan(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, "
+      "Tensor? batch_sizes) -> int[]");
 }

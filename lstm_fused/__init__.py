@@ -3,6 +3,7 @@ from . import ops  # noqa: F401  (imports torch, loads the kernels, registers th
 from . import _C
 from .modules import LSTM
 from .cell import LSTMCell
+from .ops import cuda_plan
 try:
     from . import quantization  # noqa: F401  (quantize_dynamic knows our modules)
 except ImportError:  # a torch without eager-mode quantization
@@ -17,5 +18,5 @@ def cpu_isa():
     return _C.cpu_isa()
 
 
-__all__ = ["LSTM", "LSTMCell", "cpu_isa", "ops"]
+__all__ = ["LSTM", "LSTMCell", "cpu_isa", "cuda_plan", "ops"]
 __version__ = "0.1.0"

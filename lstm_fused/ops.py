@@ -329,3 +329,32 @@ def layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, batch_sizes=No
     else:
         y, h_n, c_n, _, _ = _forward(*args)
     return y, h_n, c_n
+
+
+def cuda_plan(module, input):
+    """Which CUDA kernels lstm_fused.LSTM `module` runs on `input` (batched
+    or unbatched, not packed) on its CUDA device, forward and backward: e.g.
+    {"forward": "persistent: 96 blocks x 8 units, 97 KB shared memory per
+    block", "backward": ...}, or "per-step" where the persistent kernels do
+    not apply (float64, one step, weights too large for shared memory, ...;
+    LSTM_FUSED_CUDA_ENGINE=step|persistent forces either). Every layer and
+    direction of a module runs the same kernels."""
+    x = input if input.dim() == 3 else input.unsqueeze(1)
+    if module.batch_first and input.dim() == 3:
+        x = x.transpose(0, 1)
+    steps, batch = x.shape[0], x.shape[1]
+    proj = module.proj_size or module.hidden_size
+    w_ih, w_hh = module.weight_ih_l0, module.weight_hh_l0
+    h0 = x.new_zeros(batch, proj)
+    c0 = x.new_zeros(batch, module.hidden_size)
+    w_hr = getattr(module, "weight_hr_l0", None)
+    plan = _ops.cuda_plan(x.reshape(steps * batch, -1), h0, c0, w_ih, w_hh, w_hr, None)
+
+    def describe(p):
+        persistent, blocks, units, proj_units, shared = p
+        if not persistent:
+            return "per-step"
+        cols = f", {proj_units} projection columns" if w_hr is not None else ""
+        return (f"persistent: {blocks} blocks x {units} units{cols}, "
+                f"{(shared + 1023) // 1024} KB shared memory per block")
+    return {"forward": describe(plan[:5]), "backward": describe(plan[5:])}

@@ -57,31 +57,96 @@ def test_cuda_suite_per_step_kernels(lib):
     assert_suite_passes(lib, 125, LSTM_FUSED_CUDA_ENGINE="step")
 
 
-def test_cuda_suite_concurrent_blocks_reverse_schedule(lib):
+def test_cuda_suite_persistent_kernels(lib):
+    """Every float32/float16/bfloat16 layer through the persistent kernels
+    (an error where one cannot run them); float64 stays per step."""
+    assert_suite_passes(lib, 125, LSTM_FUSED_CUDA_ENGINE="persistent")
+
+
+def test_persistent_kernels_other_partitions(lib):
+    """Two multiprocessors: up to 35 units per block, unit and projection
+    slices that do not divide the sizes (the default 8 gives 8-9 units)."""
+    assert_suite_passes(lib, 40, SUITE, "-k", "tile or packed or half",
+                        LSTM_FUSED_CUDA_ENGINE="persistent", LSTM_FUSED_EMU_SMS=2)
+
+
+def test_concurrent_blocks_reverse_schedule(lib):
     """Every launch with all blocks at once, a block's threads in reverse
-    order: other interleavings than the default's."""
-    assert_suite_passes(lib, 60, SUITE, "-k", "tile or packed or half", LSTM_FUSED_CUDA_ENGINE="step",
+    order, or shuffled: other interleavings than the default's."""
+    assert_suite_passes(lib, 24, SUITE, "-k", "tile_boundaries", LSTM_FUSED_CUDA_ENGINE="step",
                         LSTM_FUSED_EMU_CONCURRENT=1, LSTM_FUSED_EMU_SCHEDULE="reverse")
+    assert_suite_passes(lib, 12, SUITE, "-k", "tile_boundaries and float32",
+                        LSTM_FUSED_CUDA_ENGINE="persistent", LSTM_FUSED_EMU_SCHEDULE="random:7")
 
 
-def barrier_line(function, which=0):
-    """`function:line` of the which-th __syncthreads() in `function` of
-    csrc/cuda/lstm_cuda.cu."""
-    lines = (HERE.parent / "csrc" / "cuda" / "lstm_cuda.cu").read_text().splitlines()
+def test_h200_sized_grid(lib):
+    """H = 1024 on an emulated 132-multiprocessor device, as on an H200: 128
+    blocks of 8 units (32768 CUDA threads at once), 150 KB of shared memory
+    per block in float32."""
+    rc, out, passed = run_suite(lib, str(HERE / "cuda_emu_cases.py"), "-k", "h200",
+                                LSTM_FUSED_CUDA_ENGINE="persistent", LSTM_FUSED_EMU_SMS=132)
+    assert rc == 0 and passed == 2, out[-6000:]
+
+
+def barrier(source, function, text, which=0):
+    """`function:line` of the which-th line holding `text` in `function` of
+    csrc/cuda/`source`: where LSTM_FUSED_EMU_DROP_SYNC plants a missing barrier."""
+    lines = (HERE.parent / "csrc" / "cuda" / source).read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if f" {function}(" in line)
-    found = [i + 1 for i, line in enumerate(lines[start:], start) if "__syncthreads()" in line]
+    found = [i + 1 for i, line in enumerate(lines[start:], start) if text in line]
     return f"{function}:{found[which]}"
 
 
-@pytest.mark.parametrize("function", ["forward_step_kernel", "backward_step_kernel"])
+PLANTED = {
+    # The block barrier after a step kernel's shared tiles are loaded.
+    "forward_step_kernel": ("lstm_cuda.cu", "step", "__syncthreads()"),
+    "backward_step_kernel": ("lstm_cuda.cu", "step", "__syncthreads()"),
+    # The persistent kernels' per-step grid barrier.
+    "forward_kernel": ("persistent.cu", "persistent", "grid.sync()"),
+    "backward_kernel": ("persistent.cu", "persistent", "grid.sync()"),
+}
+
+
+@pytest.mark.parametrize("function", sorted(PLANTED))
 def test_planted_missing_barrier_fails_the_suite(lib, function):
-    """The barrier after a kernel's shared tiles are loaded, deleted (the
-    emulator skips it): threads read tiles not yet written, and the parity
-    tests see it."""
+    """Deleting a barrier (the emulator skips it) makes the parity tests fail:
+    threads read what other threads have not written yet."""
+    source, engine, text = PLANTED[function]
+    rc, out, _ = run_suite(lib, SUITE, "-k", "tile_boundaries and float32 and 37",
+                           LSTM_FUSED_CUDA_ENGINE=engine,
+                           LSTM_FUSED_EMU_DROP_SYNC=barrier(source, function, text))
+    assert rc == 1 and re.search(r"\b[1-9] failed", out), out[-3000:]
+
+
+# --- the same under the sanitizers (slow: a build each) ------------------------------
+
+SANITIZED = "tile or packed or half"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sanitize", ["thread", "address"])
+def test_cuda_suite_sanitized(sanitize):
+    """ThreadSanitizer (a race between the emulated threads: a missing or
+    misplaced barrier) or ASan + UBSan (out-of-bounds, use after free,
+    undefined behaviour) over the host code and kernels, both engines."""
+    lib = emu.build(sanitize)
+    persistent = SANITIZED if sanitize == "address" else "tile_boundaries and float32"
+    for engine, cases in (("step", SANITIZED), ("persistent", persistent)):
+        rc, out, passed = run_suite(lib, SUITE, "-k", cases, sanitize=sanitize,
+                                    LSTM_FUSED_CUDA_ENGINE=engine)
+        assert rc == 0 and passed > 0, f"{engine}:\n{out[-8000:]}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("function", ["forward_step_kernel", "forward_kernel"])
+def test_planted_missing_barrier_is_a_race(function):
+    """Under ThreadSanitizer a deleted barrier is reported as a data race."""
+    source, engine, text = PLANTED[function]
+    lib = emu.build("thread")
     rc, out, _ = run_suite(lib, SUITE, "-x", "-k", "tile_boundaries and float32 and 37",
-                           LSTM_FUSED_CUDA_ENGINE="step",
-                           LSTM_FUSED_EMU_DROP_SYNC=barrier_line(function))
-    assert rc == 1 and "1 failed" in out, out[-3000:]
+                           sanitize="thread", LSTM_FUSED_CUDA_ENGINE=engine,
+                           LSTM_FUSED_EMU_DROP_SYNC=barrier(source, function, text))
+    assert rc != 0 and "ThreadSanitizer: data race" in out, out[-3000:]
 
 
 # --- the emulator itself -------------------------------------------------------------

@@ -110,9 +110,11 @@ cuda::Plan cached_plan(int64_t hidden, int64_t proj, bool backward) {
 }
 
 // Which kernels run a layer: the persistent ones (a plan) or the per-step
-// ones (a plan with persistent false and the reason).
+// ones (a plan with persistent false and the reason). strict: with
+// LSTM_FUSED_CUDA_ENGINE=persistent, a float32/16/bf16 layer that cannot run
+// persistent is an error.
 template <typename T>
-cuda::Plan choose_engine(const LayerSizes& s, bool backward, cudaStream_t stream) {
+cuda::Plan choose_engine(const LayerSizes& s, bool backward, cudaStream_t stream, bool strict) {
   cuda::Plan step;
   const Engine engine = engine_setting();
   if constexpr (std::is_same_v<T, double>) {
@@ -134,7 +136,7 @@ cuda::Plan choose_engine(const LayerSizes& s, bool backward, cudaStream_t stream
       plan.persistent = false;  // its step offsets would be copied from host memory
       plan.why = "packed input while a CUDA graph is captured";
     }
-    TORCH_CHECK(plan.persistent || engine != Engine::kPersistent,
+    TORCH_CHECK(plan.persistent || !strict || engine != Engine::kPersistent,
                 "lstm_fused: LSTM_FUSED_CUDA_ENGINE=persistent, but this layer cannot run "
                 "persistent: ", plan.why);
     return plan;
@@ -179,7 +181,7 @@ void run_forward(const Layout& L, const at::Tensor& x, const at::Tensor& h0,
   const bool proj = w_hr.defined();
   const auto acc = x.options().dtype(c10::CppTypeToScalarType<A>::value);
   const cudaStream_t stream = cuda::current_stream();
-  const cuda::Plan plan = choose_engine<T>(s, /*backward=*/false, stream);
+  const cuda::Plan plan = choose_engine<T>(s, /*backward=*/false, stream, true);
   if (!plan.persistent && !gates.defined()) {  // inference: the step kernels' workspace
     gates = at::empty({N, G}, x.options());
     cells = at::empty({N, H}, x.options());
@@ -299,7 +301,7 @@ void run_backward(const Layout& L, const at::Tensor& dy, const at::Tensor& dh_n,
   else dc.zero_();
   at::Tensor dh0_acc = same ? dh0 : at::empty({B, P}, acc);
   at::Tensor dgates = at::empty({N, G}, acc);
-  const cuda::Plan plan = choose_engine<T>(s, /*backward=*/true, stream);
+  const cuda::Plan plan = choose_engine<T>(s, /*backward=*/true, stream, true);
 
   if constexpr (!std::is_same_v<T, double>) {
     if (plan.persistent) {
@@ -414,10 +416,32 @@ layer_backward_cuda(const std::optional<at::Tensor>& grad_y,
   return c.outputs();
 }
 
+// The cuda_plan op: what layer_forward and layer_backward would run.
+std::vector<int64_t> cuda_plan(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                               const at::Tensor& w_ih, const at::Tensor& w_hh,
+                               const std::optional<at::Tensor>& w_hr,
+                               const std::optional<at::Tensor>& batch_sizes) {
+  const LayerSizes s = check_layer_args(x, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr,
+                                        batch_sizes);
+  check_cuda(x, s);
+  const cuda::DeviceGuard device(x.device());
+  std::vector<int64_t> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "lstm_fused_cuda_plan", [&] {
+    for (bool backward : {false, true}) {
+      const cuda::Plan p = choose_engine<scalar_t>(s, backward, cuda::current_stream(), false);
+      out.insert(out.end(), {p.persistent, p.blocks, p.units, p.proj_units,
+                             static_cast<int64_t>(p.shared)});
+    }
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace lstm_fused
 
 TORCH_LIBRARY_IMPL(lstm_fused, LSTM_FUSED_DISPATCH_KEY, m) {
   m.impl("layer_forward", &lstm_fused::layer_forward_cuda);
   m.impl("layer_backward", &lstm_fused::layer_backward_cuda);
+  m.impl("cuda_plan", &lstm_fused::cuda_plan);
 }

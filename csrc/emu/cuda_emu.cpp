@@ -7,8 +7,9 @@
 #undef gridDim
 
 #include <sys/mman.h>
+#if !defined(__x86_64__)
 #include <ucontext.h>
-#include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <bit>
@@ -49,8 +50,121 @@ void __sanitizer_finish_switch_fiber(void* fake_stack_save, const void** bottom_
 #define EMU_ASAN 0
 #endif
 
+// Switching between a host thread and its fibers: on x86-64 a few
+// instructions (callee-saved registers, MXCSR and the x87 control word, the
+// stack pointer); elsewhere ucontext (which also saves the signal mask with a
+// system call at every switch).
+#if defined(__x86_64__)
+extern "C" {
+void emu_switch_stack(void** save_sp, void* load_sp);
+void emu_fiber_start();
+}
+asm(R"(
+  .text
+  .globl emu_switch_stack
+  .hidden emu_switch_stack
+  .type emu_switch_stack, @function
+emu_switch_stack:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size emu_switch_stack, .-emu_switch_stack
+
+  .globl emu_fiber_start
+  .hidden emu_fiber_start
+  .type emu_fiber_start, @function
+emu_fiber_start:
+  movq %r12, %rdi
+  callq *%r13
+  ud2
+  .size emu_fiber_start, .-emu_fiber_start
+  .section .note.GNU-stack, "", @progbits
+  .text
+)");
+#endif
+
 namespace emu {
 namespace {
+
+// A saved execution context: where a switch away left it.
+struct Context {
+#if defined(__x86_64__)
+  void* sp = nullptr;
+#else
+  ucontext_t uc;
+#endif
+};
+
+// Saves the running context in `from`, runs `to`.
+inline void switch_context(Context& from, Context& to) {
+#if defined(__x86_64__)
+  emu_switch_stack(&from.sp, to.sp);
+#else
+  swapcontext(&from.uc, &to.uc);
+#endif
+}
+
+#if !defined(__x86_64__)
+// makecontext passes int arguments: the two pointers in halves.
+void ucontext_start(unsigned entry_lo, unsigned entry_hi, unsigned arg_lo, unsigned arg_hi) {
+  auto join = [](unsigned lo, unsigned hi) { return (static_cast<uintptr_t>(hi) << 32) | lo; };
+  reinterpret_cast<void (*)(void*)>(join(entry_lo, entry_hi))(
+      reinterpret_cast<void*>(join(arg_lo, arg_hi)));
+}
+#endif
+
+// `ctx` set to start entry(arg) on the stack [bottom, bottom + size).
+inline void make_context(Context& ctx, char* bottom, size_t size, void (*entry)(void*),
+                         void* arg) {
+#if defined(__x86_64__)
+  // The frame emu_switch_stack pops: MXCSR and x87 control word (the
+  // current ones), r15, r14, r13 = entry, r12 = arg, rbx, rbp, return
+  // address = emu_fiber_start, which calls entry(arg) with an aligned stack.
+  auto* top = reinterpret_cast<uint64_t*>(
+      (reinterpret_cast<uintptr_t>(bottom + size) & ~uintptr_t(15)));
+  uint64_t* sp = top - 8;
+  uint32_t mxcsr;
+  uint16_t fpucw;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpucw));
+  sp[0] = mxcsr | (static_cast<uint64_t>(fpucw) << 32);
+  sp[1] = 0;                                            // r15
+  sp[2] = 0;                                            // r14
+  sp[3] = reinterpret_cast<uint64_t>(entry);            // r13
+  sp[4] = reinterpret_cast<uint64_t>(arg);              // r12
+  sp[5] = 0;                                            // rbx
+  sp[6] = 0;                                            // rbp
+  sp[7] = reinterpret_cast<uint64_t>(&emu_fiber_start); // return address
+  ctx.sp = sp;
+#else
+  getcontext(&ctx.uc);
+  ctx.uc.uc_stack.ss_sp = bottom;
+  ctx.uc.uc_stack.ss_size = size;
+  ctx.uc.uc_link = nullptr;
+  const auto e = reinterpret_cast<uintptr_t>(entry), a = reinterpret_cast<uintptr_t>(arg);
+  makecontext(&ctx.uc, reinterpret_cast<void (*)()>(&ucontext_start), 4,
+              static_cast<unsigned>(e), static_cast<unsigned>(e >> 32), static_cast<unsigned>(a),
+              static_cast<unsigned>(a >> 32));
+#endif
+}
 
 constexpr size_t kStaticSharedLimit = 48 << 10;    // static __shared__ per block
 constexpr size_t kDynamicSharedDefault = 48 << 10;  // without cudaFuncSetAttribute
@@ -97,17 +211,22 @@ struct Aborted {};
 // race detector sees no race in it and no order from it.
 enum State : int { kRunnable, kAtBlock, kAtWarp, kAtGrid, kDone };
 
+// A fiber's stack. No guard page (one per stack would split the mapping,
+// and tens of thousands of fibers would exceed the process's map count):
+// a canary at the far end, checked when the fiber returns, reports an
+// overflow instead.
 struct Stack {
-  explicit Stack(size_t bytes) : size(bytes + page()) {
+  static constexpr uint64_t kCanary = 0x5ca1ab1e0ddba11ull;
+  explicit Stack(size_t bytes) : size(bytes) {
     base = static_cast<char*>(mmap(nullptr, size, PROT_READ | PROT_WRITE,
                                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
     if (base == MAP_FAILED) throw std::runtime_error("emu: cannot map a fiber stack");
-    mprotect(base, page(), PROT_NONE);  // overflow faults instead of corrupting
+    *reinterpret_cast<uint64_t*>(base) = kCanary;
   }
   ~Stack() { munmap(base, size); }
-  static size_t page() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
-  char* bottom() const { return base + page(); }
-  size_t usable() const { return size - page(); }
+  char* bottom() const { return base + 64; }
+  size_t usable() const { return size - 64; }
+  bool intact() const { return *reinterpret_cast<const uint64_t*>(base) == kCanary; }
   char* base;
   size_t size;
 };
@@ -125,7 +244,7 @@ struct Fiber {
   std::atomic<int> state{kRunnable};
   std::atomic<bool> abort{false};
   bool started = false;
-  ucontext_t context;
+  Context context;
   Stack stack{kStackBytes};
   void* tsan = nullptr;
   const std::function<void()>* body = nullptr;
@@ -227,7 +346,7 @@ struct Launch {
 
 // A host thread running the fibers of one block at a time.
 struct Runner {
-  ucontext_t context;
+  Context context;
   void* tsan = nullptr;
   const void* stack_bottom = nullptr;  // of the host thread (for ASan)
   size_t stack_size = 0;
@@ -253,8 +372,8 @@ Fiber& current() {
   return *f;
 }
 
-void fiber_main(unsigned lo, unsigned hi) {
-  Fiber& f = *reinterpret_cast<Fiber*>((static_cast<uintptr_t>(hi) << 32) | lo);
+void fiber_main(void* arg) {
+  Fiber& f = *static_cast<Fiber*>(arg);
 #if EMU_ASAN
   __sanitizer_finish_switch_fiber(nullptr, &f.runner->stack_bottom, &f.runner->stack_size);
 #endif
@@ -267,6 +386,7 @@ void fiber_main(unsigned lo, unsigned hi) {
   } catch (...) {
     b.launch->fail("emu: unknown exception in a kernel");
   }
+  if (!f.stack.intact()) b.launch->fail("emu: a CUDA thread overflowed its emulated stack");
   // The thread returned: it no longer takes part in barriers, which may now
   // be complete without it.
   b.warps[f.warp]->live.fetch_and(~(1u << f.lane), std::memory_order_relaxed);
@@ -295,7 +415,7 @@ void Runner::resume(Fiber& f) {
   void* fake = nullptr;
   __sanitizer_start_switch_fiber(&fake, f.stack.bottom(), f.stack.usable());
 #endif
-  swapcontext(&context, &f.context);
+  switch_context(context, f.context);
 #if EMU_ASAN
   __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #endif
@@ -311,7 +431,7 @@ void Runner::yield(Fiber& f, bool dying) {
   void* fake = nullptr;
   __sanitizer_start_switch_fiber(dying ? nullptr : &fake, stack_bottom, stack_size);
 #endif
-  swapcontext(&f.context, &context);
+  switch_context(f.context, context);
 #if EMU_ASAN
   __sanitizer_finish_switch_fiber(fake, &stack_bottom, &stack_size);
 #endif
@@ -388,13 +508,7 @@ void Runner::run(Launch& L, Block& b) {
     f.started = false;
     f.abort.store(false, std::memory_order_relaxed);
     f.state.store(kRunnable, std::memory_order_relaxed);
-    getcontext(&f.context);
-    f.context.uc_stack.ss_sp = f.stack.bottom();
-    f.context.uc_stack.ss_size = f.stack.usable();
-    f.context.uc_link = nullptr;
-    const auto p = reinterpret_cast<uintptr_t>(&f);
-    makecontext(&f.context, reinterpret_cast<void (*)()>(&fiber_main), 2,
-                static_cast<unsigned>(p & 0xffffffffu), static_cast<unsigned>(p >> 32));
+    make_context(f.context, f.stack.bottom(), f.stack.usable(), &fiber_main, &f);
   }
   std::vector<unsigned> order(n);
   for (unsigned t = 0; t < n; ++t) order[t] = L.order == Launch::kReverse ? n - 1 - t : t;
