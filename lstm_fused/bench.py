@@ -43,6 +43,8 @@ JSON schema (``schema`` = 1)::
         "speedup": float|null (impls.torch.median / impls.ours.median; null on error),
         "speedup_vs": {ref: float} (the same against every reference),
         "parity": {"output": float, "grad_input": float|null},
+        "engine": {"forward": str, "backward": str}|null (GPU: the CUDA kernels ours ran,
+                  lstm_fused.cuda_plan: "persistent: ..." or "per-step"),
         "error": str|null (set when the case failed; then impls may be empty)
       }]
     }
@@ -486,6 +488,31 @@ def measure(works, device, repeats, warmup):
     return times, mems
 
 
+def engine(case, dtype, device):
+    """The CUDA kernels lstm_fused runs for the case (lstm_fused.cuda_plan), or None."""
+    if device.type != "cuda":
+        return None
+    m = lstm_fused.LSTM(case.I, case.H, case.layers, bidirectional=case.bidir, device=device,
+                        dtype=dtype)
+    steps = case.T if case.kind == "seq" else 1
+    return lstm_fused.cuda_plan(m, torch.zeros(steps, case.B, case.I, device=device,
+                                               dtype=dtype))
+
+
+def _engine_short(e):
+    """"persistent 128x8" / "per-step", forward/backward when they differ."""
+    if e is None:
+        return "—"
+
+    def short(text):
+        if not text.startswith("persistent"):
+            return "per-step"
+        blocks, units = re.search(r"(\d+) blocks x (\d+) units", text).groups()
+        return f"persistent {blocks}×{units}"
+    f, b = short(e["forward"]), short(e["backward"])
+    return f if f == b else f"{f} / {b}"
+
+
 def run_case(case, mode, dtype, device, refs, repeats, warmup):
     entry = {"id": case.id, "name": case.name, "kind": case.kind, "mode": mode,
              "dtype": SHORT[dtype],
@@ -494,8 +521,9 @@ def run_case(case, mode, dtype, device, refs, repeats, warmup):
                        "lengths": list(case.lengths) if case.lengths else None},
              "unit": "ms per call" if case.kind == "seq" else "ms per step",
              "impls": {}, "speedup": None, "speedup_vs": {},
-             "parity": {"output": None, "grad_input": None}, "error": None}
+             "parity": {"output": None, "grad_input": None}, "engine": None, "error": None}
     try:
+        entry["engine"] = engine(case, dtype, device)
         works = build(case, mode, dtype, device, refs)
         entry["parity"] = parity(works)
         times, mems = measure(works, device, repeats, warmup)
@@ -535,6 +563,9 @@ def table(result):
     head = ["case", "mode", "dtype", "ours ms", "torch ms"] + [f"{r} ms" for r in refs]
     head += ["speed-up"] + [f"vs {r}" for r in refs] + ["parity out", "parity dx",
                                                         "mem ours/torch MB"]
+    gpu = result["environment"]["device"] == "cuda"
+    if gpu:
+        head.append("engine")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in result["cases"]:
         row = [c["name"], c["mode"], c["dtype"]]
@@ -553,6 +584,8 @@ def table(result):
                 f"{c['speedup_vs'][r]:.2f}×" if r in c["speedup_vs"] else "—" for r in refs]
             row += [_err(c["parity"]["output"]), _err(c["parity"]["grad_input"]),
                     f"{_mb(im['ours']['peak_mem_bytes'])} / {_mb(im['torch']['peak_mem_bytes'])}"]
+            if gpu:
+                row.append(_engine_short(c.get("engine")))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
