@@ -14,8 +14,9 @@
 //      in shared memory), or dh0 for rows that start at t; with projection a
 //      grid barrier (every block's dh' needs every column), else a block
 //      barrier (without projection a block's columns are its units).
-// The products run on CUDA cores in float, split over the block's threads by
-// tile_product; every sum has a fixed order, so results are deterministic.
+// The forward products of float16/bfloat16 run on tensor cores (wmma,
+// float accumulation), the others on CUDA cores in float; every sum has a
+// fixed order, so results are deterministic.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -31,9 +32,27 @@ namespace {
 namespace cg = cooperative_groups;
 
 constexpr int kThreads = 256;  // per block
-constexpr int kRows = 8;       // batch rows per product tile
+constexpr int kWarps = kThreads / 32;
+constexpr int kRows = 8;       // batch rows per product tile on CUDA cores
+constexpr int kTile = 16;      // on tensor cores: the m (and n, k) of m16n16k16
 constexpr int kChunk = 128;    // reduction (k) values staged per pass
 constexpr int kMinUnits = 8;   // hidden units per block, at least
+
+// The forward products of half types run on tensor cores (float
+// accumulation); float32, and every backward product, on CUDA cores in float.
+template <typename T>
+constexpr bool kTensorCores = !std::is_same_v<T, float>;
+
+template <typename T>
+struct WmmaType;  // the CUDA type of a c10 half type
+template <>
+struct WmmaType<c10::Half> {
+  using type = __half;
+};
+template <>
+struct WmmaType<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
 
 // Loads of what other blocks wrote during the launch: past L1 (.cg), which
 // is not coherent across multiprocessors.
@@ -45,45 +64,95 @@ __device__ __forceinline__ float load_cg(const c10::BFloat16* p) {
   return __bfloat162float(__ldcg(reinterpret_cast<const __nv_bfloat16*>(p)));
 }
 
-__host__ __device__ inline size_t align16(size_t n) { return (n + 15) / 16 * 16; }
+__host__ __device__ constexpr size_t align16(size_t n) { return (n + 15) / 16 * 16; }
+__host__ __device__ constexpr int round_up(int n, int m) { return (n + m - 1) / m * m; }
 __host__ __device__ inline int imin(int a, int b) { return a < b ? a : b; }
+__host__ __device__ constexpr size_t smax(size_t a, size_t b) { return a > b ? a : b; }
 
-// Dynamic shared memory of a block: the weight slices (storage type T),
-// then the float scratch of tile_product.
+// A weight slice in shared memory for `cols` output columns and a reduction
+// of `k` values. On CUDA cores [k4][cols] (k4 = k rounded up to 4, the
+// padding zero); on tensor cores [round16(cols)][ld] with ld = round16(k) + 8
+// (the padding zero; +8: rows in different banks), wmma's column-major b.
+struct Slice {
+  int cols, k, ld, rows;
+  bool mma;
+  __host__ __device__ Slice(int c, int kk, bool m) : cols(c), k(kk), mma(m) {
+    ld = m ? round_up(kk, kTile) + 8 : c;
+    rows = m ? round_up(c, kTile) : round_up(kk, 4);
+  }
+  __host__ __device__ size_t bytes(size_t t_size) const { return t_size * rows * ld; }
+  // Index of weight (column c, reduction index kk).
+  __device__ int at(int c, int kk) const { return mma ? c * ld + kk : kk * ld + c; }
+};
+
+// Dynamic shared memory of a block: two weight slices (storage type T; the
+// second empty without projection) and the scratch of the products, sized
+// for both kinds of product.
 struct Shared {
   size_t w, wr, stage, part, out, total;
-  // w: [w_rows][w_cols] T, wr: [wr_rows][wr_cols] T (0 rows without projection),
-  // products of at most `cols` columns.
-  __host__ __device__ Shared(size_t t_size, int w_rows, int w_cols, int wr_rows, int wr_cols,
-                             int cols) {
+  __host__ __device__ Shared(size_t t_size, const Slice& a, const Slice& b, int cols) {
     w = 0;
-    wr = align16(w + t_size * w_rows * w_cols);
-    stage = align16(wr + t_size * wr_rows * wr_cols);
-    part = align16(stage + sizeof(float) * kRows * kChunk);
-    out = align16(part + sizeof(float) * kRows * kThreads);
-    total = align16(out + sizeof(float) * kRows * cols);
+    wr = align16(a.bytes(t_size));
+    stage = align16(wr + b.bytes(t_size));
+    part = align16(stage + smax(sizeof(float) * kRows * kChunk,
+                                t_size * kTile * (kChunk + 8)));
+    out = align16(part + smax(sizeof(float) * kRows * kThreads,
+                              sizeof(float) * 2 * kWarps * kTile * kTile));
+    total = align16(out + sizeof(float) * kTile * round_up(cols, kTile));
   }
 };
 
-// The shared memory layouts of the two kernels for u units and up
-// projection columns per block.
+// The two kernels' slices for u units and up projection columns per block:
+// forward W_hh (4u gate columns over P) and W_hr (up columns over H);
+// backward W_hh^T (up columns over 4H) and W_hr^T (u columns over P).
+struct ForwardSlices {
+  Slice w, wr;
+  __host__ __device__ ForwardSlices(int H, int P, int u, int up, bool proj, bool mma)
+      : w(4 * u, P, mma), wr(proj ? up : 0, proj ? H : 0, mma) {}
+};
+struct BackwardSlices {
+  Slice w, wr;
+  __host__ __device__ BackwardSlices(int H, int P, int u, int up, bool proj)
+      : w(up, 4 * H, false), wr(proj ? u : 0, proj ? P : 0, false) {}
+};
+
 __host__ __device__ inline Shared forward_shared(size_t t_size, int H, int P, int u, int up,
-                                                 bool proj) {
-  return Shared(t_size, P, 4 * u, proj ? H : 0, up, proj ? (4 * u > up ? 4 * u : up) : 4 * u);
+                                                 bool proj, bool mma) {
+  const ForwardSlices s(H, P, u, up, proj, mma);
+  return Shared(t_size, s.w, s.wr, 4 * u > up ? 4 * u : up);
 }
 __host__ __device__ inline Shared backward_shared(size_t t_size, int H, int P, int u, int up,
                                                   bool proj) {
-  return Shared(t_size, 4 * H, up, proj ? P : 0, u, up > u ? up : u);
+  const BackwardSlices s(H, P, u, up, proj);
+  return Shared(t_size, s.w, s.wr, up > u ? up : u);
 }
 
-// out[r][n] = sum_k in(r, k) w[k][n] for r < rows (<= kRows), n < N (<=
-// kThreads), w in shared memory. The k of each staged chunk are split
-// among kThreads / N groups of threads; their partial sums are added in
-// group order. Ends at a barrier: `out` is complete, the scratch free.
+// Fills `slice` in shared memory: weight(c, k) for c < cols, k < K; zero
+// in the padding.
+template <typename T, typename Weight>
+__device__ void load_slice(T* smem, const Slice& slice, const Weight& weight) {
+  const int total = slice.rows * slice.ld;
+  for (int e = threadIdx.x; e < total; e += kThreads) {
+    const int c = slice.mma ? e / slice.ld : e % slice.ld;
+    const int k = slice.mma ? e % slice.ld : e / slice.ld;
+    smem[e] = c < slice.cols && k < slice.k ? weight(c, k) : T(0);
+  }
+}
+
+// The products. out[r][n] = sum_k in(r, k) w(n, k) for rows r < `rows` of a
+// tile, columns n < N (<= kThreads), w a slice in shared memory. Each ends
+// at a barrier: `out` is complete, the scratch free. Every sum has a fixed
+// order.
+
+// On CUDA cores: the k of each staged chunk are split into kThreads / N
+// contiguous ranges, one per group of threads (a thread: one column, every
+// row of the tile, four k at a time); the groups' partial sums are added in
+// group order.
 template <typename W, typename In>
-__device__ void tile_product(const In& in, int rows, int K, const W* w, int N, float* stage,
-                             float* part, float* out) {
-  const int tid = threadIdx.x, groups = kThreads / N, n = tid % N, g = tid / N;
+__device__ void fma_product(const In& in, int rows, int K, const W* w, const Slice& slice,
+                            float* stage, float* part, float* out) {
+  const int N = slice.cols, tid = threadIdx.x, groups = kThreads / N, n = tid % N, g = tid / N;
+  const int span = round_up((kChunk + groups - 1) / groups, 4);
   float acc[kRows];
 #pragma unroll
   for (int r = 0; r < kRows; ++r) acc[r] = 0.f;
@@ -95,11 +164,19 @@ __device__ void tile_product(const In& in, int rows, int K, const W* w, int N, f
     }
     __syncthreads();
     if (g < groups) {
-      for (int k = g; k < kc; k += groups) {
-        const float wk = static_cast<float>(w[(k0 + k) * N + n]);
+      const int end = imin((g + 1) * span, kc);
+      for (int k = g * span; k < end; k += 4) {  // past end: zero stage and zero padding
+        const float w0 = static_cast<float>(w[slice.at(n, k0 + k)]);
+        const float w1 = static_cast<float>(w[slice.at(n, k0 + k + 1)]);
+        const float w2 = static_cast<float>(w[slice.at(n, k0 + k + 2)]);
+        const float w3 = static_cast<float>(w[slice.at(n, k0 + k + 3)]);
 #pragma unroll
-        for (int r = 0; r < kRows; ++r)
-          if (r < rows) acc[r] += stage[r * kChunk + k] * wk;
+        for (int r = 0; r < kRows; ++r) {
+          if (r < rows) {
+            const float4 h = *reinterpret_cast<const float4*>(stage + r * kChunk + k);
+            acc[r] += h.x * w0 + h.y * w1 + h.z * w2 + h.w * w3;
+          }
+        }
       }
     }
     __syncthreads();
@@ -115,6 +192,62 @@ __device__ void tile_product(const In& in, int rows, int K, const W* w, int N, f
     float s = 0.f;
     for (int gg = 0; gg < groups; ++gg) s += part[(gg * kRows + r) * N + c];
     out[r * N + c] = s;
+  }
+  __syncthreads();
+}
+
+// On tensor cores (T a half type): a tile of 16 rows (padded with zeros)
+// times 16-column tiles of the slice, m16n16k16 with float accumulation.
+// With at most 8 column tiles, each has 8 / tiles warps, which split the k
+// tiles of each chunk between them; with more (up to 16), warp w takes
+// column tiles w and w + 8 and every k tile.
+template <typename T, typename In>
+__device__ void mma_product(const In& in, int rows, int K, const T* w, const Slice& slice,
+                            T* stage, float* part, float* out) {
+  namespace wmma = nvcuda::wmma;
+  using W = typename WmmaType<T>::type;
+  const int N = slice.cols, tiles = (N + kTile - 1) / kTile, warp = threadIdx.x / 32;
+  const int per_tile = tiles <= kWarps ? kWarps / tiles : 1;
+  const int tile0 = warp / per_tile, k_group = warp % per_tile;
+  const int ld_stage = kChunk + 8;
+  wmma::fragment<wmma::accumulator, kTile, kTile, kTile, float> acc[2];
+  wmma::fill_fragment(acc[0], 0.f);
+  wmma::fill_fragment(acc[1], 0.f);
+  for (int k0 = 0; k0 < K; k0 += kChunk) {
+    const int kc = imin(kChunk, K - k0);
+    for (int e = threadIdx.x; e < kTile * kChunk; e += kThreads) {
+      const int r = e / kChunk, k = e % kChunk;
+      stage[r * ld_stage + k] = r < rows && k < kc ? static_cast<T>(in(r, k0 + k)) : T(0);
+    }
+    __syncthreads();
+    const int k_tiles = (kc + kTile - 1) / kTile;
+    for (int i = 0; i < 2; ++i) {
+      const int tile = tiles <= kWarps ? (i == 0 ? tile0 : tiles) : warp + i * kWarps;
+      if (tile >= tiles) continue;
+      for (int kt = k_group; kt < k_tiles; kt += per_tile) {
+        wmma::fragment<wmma::matrix_a, kTile, kTile, kTile, W, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, kTile, kTile, kTile, W, wmma::col_major> b;
+        wmma::load_matrix_sync(a, reinterpret_cast<const W*>(stage) + kt * kTile, ld_stage);
+        wmma::load_matrix_sync(
+            b, reinterpret_cast<const W*>(w) + slice.at(tile * kTile, k0 + kt * kTile), slice.ld);
+        wmma::mma_sync(acc[i], a, b, acc[i]);
+      }
+    }
+    __syncthreads();
+  }
+  for (int i = 0; i < 2; ++i)
+    wmma::store_matrix_sync(part + (warp * 2 + i) * kTile * kTile, acc[i], kTile,
+                            wmma::mem_row_major);
+  __syncthreads();
+  for (int e = threadIdx.x; e < rows * N; e += kThreads) {
+    const int r = e / N, n = e % N, tile = n / kTile, c = r * kTile + n % kTile;
+    float s = 0.f;
+    if (tiles <= kWarps) {
+      for (int g = 0; g < per_tile; ++g) s += part[(tile * per_tile + g) * 2 * kTile * kTile + c];
+    } else {
+      s = part[((tile % kWarps) * 2 + tile / kWarps) * kTile * kTile + c];
+    }
+    out[r * N + n] = s;
   }
   __syncthreads();
 }
@@ -138,43 +271,54 @@ struct Steps {
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const PersistentForward<T> p, int u, int up) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // the plan asks for compute capability 8.0 (bfloat16 tensor cores)
+#else
+  constexpr bool mma = kTensorCores<T>;
+  constexpr int tile = mma ? kTile : kRows;  // batch rows per product
   cg::grid_group grid = cg::this_grid();
   const int H = p.hidden, P = p.proj, G = 4 * H, N = 4 * u, tid = threadIdx.x;
   const bool proj = p.w_hr != nullptr;
   const int j0 = blockIdx.x * u, nu = imin(u, H - j0);
   const int c0 = blockIdx.x * up, np = imin(up, P - c0);  // np <= 0: no columns
   const Steps S{p.rows, p.reverse};
-  const Shared L = forward_shared(sizeof(T), H, P, u, up, proj);
+  const ForwardSlices slices(H, P, u, up, proj, mma);
+  const Shared L = forward_shared(sizeof(T), H, P, u, up, proj, mma);
   LSTM_DYNAMIC_SHARED(unsigned char, smem);
-  T* w = reinterpret_cast<T*>(smem + L.w);     // [P][4u]: w[k][g*u + j] = W_hh[g*H + j0 + j][k]
-  T* wr = reinterpret_cast<T*>(smem + L.wr);   // [H][up]: wr[k][c] = W_hr[c0 + c][k]
-  float* stage = reinterpret_cast<float*>(smem + L.stage);
+  T* w = reinterpret_cast<T*>(smem + L.w);    // column g*u + j: W_hh row g*H + j0 + j
+  T* wr = reinterpret_cast<T*>(smem + L.wr);  // column c: W_hr row c0 + c
   float* part = reinterpret_cast<float*>(smem + L.part);
   float* out = reinterpret_cast<float*>(smem + L.out);
+  auto product = [&](const auto& in, int rows, int K, const T* weights, const Slice& slice) {
+    if constexpr (mma)
+      mma_product(in, rows, K, weights, slice, reinterpret_cast<T*>(smem + L.stage), part, out);
+    else
+      fma_product(in, rows, K, weights, slice, reinterpret_cast<float*>(smem + L.stage), part,
+                  out);
+  };
 
-  for (int e = tid; e < N * P; e += kThreads) {
-    const int n = e / P, k = e % P, g = n / u, j = n % u;
-    w[k * N + n] = j < nu ? p.w_hh[static_cast<int64_t>(g * H + j0 + j) * P + k] : T(0);
-  }
+  load_slice(w, slices.w, [&](int n, int k) {
+    const int g = n / u, j = n % u;
+    return j < nu ? p.w_hh[static_cast<int64_t>(g * H + j0 + j) * P + k] : T(0);
+  });
   if (proj)
-    for (int e = tid; e < up * H; e += kThreads) {
-      const int c = e / H, k = e % H;
-      wr[k * up + c] = c < np ? p.w_hr[static_cast<int64_t>(c0 + c) * H + k] : T(0);
-    }
+    load_slice(wr, slices.wr, [&](int c, int k) {
+      return c < np ? p.w_hr[static_cast<int64_t>(c0 + c) * H + k] : T(0);
+    });
   __syncthreads();
 
   for (int k = 0; k < S.rows.steps; ++k) {
     const int t = S.step(k), n = S.count(t), r0 = S.first(t);
     const int n_prev = S.count_at(k - 1), r_prev = k > 0 ? S.first(S.step(k - 1)) : 0;
-    for (int b0 = 0; b0 < n; b0 += kRows) {
-      const int rows = imin(kRows, n - b0);
+    for (int b0 = 0; b0 < n; b0 += tile) {
+      const int rows = imin(tile, n - b0);
       // h_{t-1} of each row: y of the previous step, or h0 where the row starts.
       auto h_prev = [&](int r, int kk) {
         const int b = b0 + r;
         return b < n_prev ? load_cg(p.y + static_cast<int64_t>(r_prev + b) * P + kk)
                           : static_cast<float>(p.h0[static_cast<int64_t>(b) * P + kk]);
       };
-      tile_product(h_prev, rows, P, w, N, stage, part, out);
+      product(h_prev, rows, P, w, slices.w);
       for (int e = tid; e < rows * nu; e += kThreads) {
         const int r = e / nu, j = e % nu, b = b0 + r, unit = j0 + j;
         const int64_t row = r0 + b;
@@ -208,12 +352,12 @@ __global__ void __launch_bounds__(kThreads)
     grid.sync();  // h_t (or h_pre) of every unit written
     if (!proj) continue;
     if (np > 0) {
-      for (int b0 = 0; b0 < n; b0 += kRows) {
-        const int rows = imin(kRows, n - b0);
+      for (int b0 = 0; b0 < n; b0 += tile) {
+        const int rows = imin(tile, n - b0);
         auto h_pre = [&](int r, int kk) {
           return load_cg(p.h_pre + static_cast<int64_t>(b0 + r) * H + kk);
         };
-        tile_product(h_pre, rows, H, wr, up, stage, part, out);
+        product(h_pre, rows, H, wr, slices.wr);
         for (int e = tid; e < rows * np; e += kThreads) {
           const int r = e / np, c = e % np;
           p.y[static_cast<int64_t>(r0 + b0 + r) * P + c0 + c] = static_cast<T>(out[r * up + c]);
@@ -222,6 +366,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     grid.sync();  // y_t complete; h_pre free for the next step
   }
+#endif
 }
 
 template <typename T>
@@ -233,23 +378,22 @@ __global__ void __launch_bounds__(kThreads)
   const int j0 = blockIdx.x * u, nu = imin(u, H - j0);
   const int c0 = blockIdx.x * up, np = imin(up, P - c0);
   const Steps S{p.rows, p.reverse};
+  const BackwardSlices slices(H, P, u, up, proj);
   const Shared L = backward_shared(sizeof(T), H, P, u, up, proj);
   LSTM_DYNAMIC_SHARED(unsigned char, smem);
-  T* w = reinterpret_cast<T*>(smem + L.w);    // [4H][up]: w[k][c] = W_hh[k][c0 + c]
-  T* wr = reinterpret_cast<T*>(smem + L.wr);  // [P][u]: wr[k][j] = W_hr[k][j0 + j]
+  T* w = reinterpret_cast<T*>(smem + L.w);    // column c: W_hh column c0 + c
+  T* wr = reinterpret_cast<T*>(smem + L.wr);  // column j: W_hr column j0 + j
   float* stage = reinterpret_cast<float*>(smem + L.stage);
   float* part = reinterpret_cast<float*>(smem + L.part);
   float* out = reinterpret_cast<float*>(smem + L.out);
 
-  for (int e = tid; e < G * up; e += kThreads) {
-    const int k = e / up, c = e % up;
-    w[e] = c < np ? p.w_hh[static_cast<int64_t>(k) * P + c0 + c] : T(0);
-  }
+  load_slice(w, slices.w, [&](int c, int k) {
+    return c < np ? p.w_hh[static_cast<int64_t>(k) * P + c0 + c] : T(0);
+  });
   if (proj)
-    for (int e = tid; e < P * u; e += kThreads) {
-      const int k = e / u, j = e % u;
-      wr[e] = j < nu ? p.w_hr[static_cast<int64_t>(k) * H + j0 + j] : T(0);
-    }
+    load_slice(wr, slices.wr, [&](int j, int k) {
+      return j < nu ? p.w_hr[static_cast<int64_t>(k) * H + j0 + j] : T(0);
+    });
   __syncthreads();
 
   for (int k = S.rows.steps - 1; k >= 0; --k) {
@@ -261,7 +405,7 @@ __global__ void __launch_bounds__(kThreads)
         auto dh = [&](int r, int kk) {
           return load_cg(p.dh + static_cast<int64_t>(r0 + b0 + r) * P + kk);
         };
-        tile_product(dh, rows, P, wr, u, stage, part, out);
+        fma_product(dh, rows, P, wr, slices.wr, stage, part, out);
       }
       for (int e = tid; e < rows * nu; e += kThreads) {
         const int r = e / nu, j = e % nu, b = b0 + r, unit = j0 + j;
@@ -293,7 +437,7 @@ __global__ void __launch_bounds__(kThreads)
         auto dg = [&](int r, int kk) {
           return load_cg(p.dgates + static_cast<int64_t>(r0 + b0 + r) * G + kk);
         };
-        tile_product(dg, rows, G, w, up, stage, part, out);
+        fma_product(dg, rows, G, w, slices.w, stage, part, out);
         // dh_{t-1} += dG_t W_hh: into the previous step's rows, or dh0 for
         // the rows that start at this step.
         for (int e = tid; e < rows * np; e += kThreads) {
@@ -358,6 +502,10 @@ Plan plan(int H, int P, bool proj, size_t t_size, Layout layout,
     plan.why = "the device cannot be queried";
     return plan;
   }
+  if (prop.major < 8) {
+    plan.why = "the persistent kernels need compute capability 8.0";
+    return plan;
+  }
   if (shared > prop.sharedMemPerBlockOptin) {
     plan.why = "the recurrent weights do not fit in shared memory";
     return plan;
@@ -379,7 +527,10 @@ Plan plan(int H, int P, bool proj, size_t t_size, Layout layout,
 template <typename T>
 Plan plan_forward(int hidden, int proj_size) {
   const bool proj = proj_size != hidden;
-  return plan(hidden, proj_size, proj, sizeof(T), &forward_shared, &forward_kernel<T>);
+  auto shared = [](size_t t_size, int H, int P, int u, int up, bool proj) {
+    return forward_shared(t_size, H, P, u, up, proj, kTensorCores<T>);
+  };
+  return plan(hidden, proj_size, proj, sizeof(T), shared, &forward_kernel<T>);
 }
 
 template <typename T>
