@@ -14,9 +14,9 @@
 //      in shared memory), or dh0 for rows that start at t; with projection a
 //      grid barrier (every block's dh' needs every column), else a block
 //      barrier (without projection a block's columns are its units).
-// The forward products of float16/bfloat16 run on tensor cores (wmma,
-// float accumulation), the others on CUDA cores in float; every sum has a
-// fixed order, so results are deterministic.
+// The products of the half types run on tensor cores (wmma, float
+// accumulation; see kTensorCores), the others on CUDA cores in float; every
+// sum has a fixed order, so results are deterministic.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -38,10 +38,16 @@ constexpr int kTile = 16;      // on tensor cores: the m (and n, k) of m16n16k16
 constexpr int kChunk = 128;    // reduction (k) values staged per pass
 constexpr int kMinUnits = 8;   // hidden units per block, at least
 
-// The forward products of half types run on tensor cores (float
-// accumulation); float32, and every backward product, on CUDA cores in float.
+// Which products run on tensor cores (float accumulation): the forward ones
+// of both half types; the backward ones of bfloat16, whose float gradients
+// enter as two bfloat16 parts (hi + lo: about 16 bits of mantissa, the
+// exponent range of float). float16 cannot hold small gradients (its
+// smallest value is 6e-8): its backward, and all of float32, run on CUDA
+// cores in float.
 template <typename T>
 constexpr bool kTensorCores = !std::is_same_v<T, float>;
+template <typename T>
+constexpr bool kTensorCoresBackward = std::is_same_v<T, c10::BFloat16>;
 
 template <typename T>
 struct WmmaType;  // the CUDA type of a c10 half type
@@ -95,7 +101,7 @@ struct Shared {
     wr = align16(a.bytes(t_size));
     stage = align16(wr + b.bytes(t_size));
     part = align16(stage + smax(sizeof(float) * kRows * kChunk,
-                                t_size * kTile * (kChunk + 8)));
+                                2 * t_size * kTile * (kChunk + 8)));
     out = align16(part + smax(sizeof(float) * kRows * kThreads,
                               sizeof(float) * 2 * kWarps * kTile * kTile));
     total = align16(out + sizeof(float) * kTile * round_up(cols, kTile));
@@ -112,8 +118,8 @@ struct ForwardSlices {
 };
 struct BackwardSlices {
   Slice w, wr;
-  __host__ __device__ BackwardSlices(int H, int P, int u, int up, bool proj)
-      : w(up, 4 * H, false), wr(proj ? u : 0, proj ? P : 0, false) {}
+  __host__ __device__ BackwardSlices(int H, int P, int u, int up, bool proj, bool mma)
+      : w(up, 4 * H, mma), wr(proj ? u : 0, proj ? P : 0, mma) {}
 };
 
 __host__ __device__ inline Shared forward_shared(size_t t_size, int H, int P, int u, int up,
@@ -122,8 +128,8 @@ __host__ __device__ inline Shared forward_shared(size_t t_size, int H, int P, in
   return Shared(t_size, s.w, s.wr, 4 * u > up ? 4 * u : up);
 }
 __host__ __device__ inline Shared backward_shared(size_t t_size, int H, int P, int u, int up,
-                                                  bool proj) {
-  const BackwardSlices s(H, P, u, up, proj);
+                                                  bool proj, bool mma) {
+  const BackwardSlices s(H, P, u, up, proj, mma);
   return Shared(t_size, s.w, s.wr, up > u ? up : u);
 }
 
@@ -200,8 +206,9 @@ __device__ void fma_product(const In& in, int rows, int K, const W* w, const Sli
 // times 16-column tiles of the slice, m16n16k16 with float accumulation.
 // With at most 8 column tiles, each has 8 / tiles warps, which split the k
 // tiles of each chunk between them; with more (up to 16), warp w takes
-// column tiles w and w + 8 and every k tile.
-template <typename T, typename In>
+// column tiles w and w + 8 and every k tile. split: each input value enters
+// as hi + lo, hi = T(v), lo = T(v - hi) (two products; `stage` holds both).
+template <bool split, typename T, typename In>
 __device__ void mma_product(const In& in, int rows, int K, const T* w, const Slice& slice,
                             T* stage, float* part, float* out) {
   namespace wmma = nvcuda::wmma;
@@ -210,6 +217,7 @@ __device__ void mma_product(const In& in, int rows, int K, const T* w, const Sli
   const int per_tile = tiles <= kWarps ? kWarps / tiles : 1;
   const int tile0 = warp / per_tile, k_group = warp % per_tile;
   const int ld_stage = kChunk + 8;
+  T* stage_lo = stage + kTile * ld_stage;
   wmma::fragment<wmma::accumulator, kTile, kTile, kTile, float> acc[2];
   wmma::fill_fragment(acc[0], 0.f);
   wmma::fill_fragment(acc[1], 0.f);
@@ -217,7 +225,10 @@ __device__ void mma_product(const In& in, int rows, int K, const T* w, const Sli
     const int kc = imin(kChunk, K - k0);
     for (int e = threadIdx.x; e < kTile * kChunk; e += kThreads) {
       const int r = e / kChunk, k = e % kChunk;
-      stage[r * ld_stage + k] = r < rows && k < kc ? static_cast<T>(in(r, k0 + k)) : T(0);
+      const float v = r < rows && k < kc ? in(r, k0 + k) : 0.f;
+      const T hi = static_cast<T>(v);
+      stage[r * ld_stage + k] = hi;
+      if constexpr (split) stage_lo[r * ld_stage + k] = static_cast<T>(v - static_cast<float>(hi));
     }
     __syncthreads();
     const int k_tiles = (kc + kTile - 1) / kTile;
@@ -231,6 +242,10 @@ __device__ void mma_product(const In& in, int rows, int K, const T* w, const Sli
         wmma::load_matrix_sync(
             b, reinterpret_cast<const W*>(w) + slice.at(tile * kTile, k0 + kt * kTile), slice.ld);
         wmma::mma_sync(acc[i], a, b, acc[i]);
+        if constexpr (split) {
+          wmma::load_matrix_sync(a, reinterpret_cast<const W*>(stage_lo) + kt * kTile, ld_stage);
+          wmma::mma_sync(acc[i], a, b, acc[i]);
+        }
       }
     }
     __syncthreads();
@@ -291,7 +306,8 @@ __global__ void __launch_bounds__(kThreads)
   float* out = reinterpret_cast<float*>(smem + L.out);
   auto product = [&](const auto& in, int rows, int K, const T* weights, const Slice& slice) {
     if constexpr (mma)
-      mma_product(in, rows, K, weights, slice, reinterpret_cast<T*>(smem + L.stage), part, out);
+      mma_product<false>(in, rows, K, weights, slice, reinterpret_cast<T*>(smem + L.stage), part,
+                         out);
     else
       fma_product(in, rows, K, weights, slice, reinterpret_cast<float*>(smem + L.stage), part,
                   out);
@@ -372,20 +388,32 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const PersistentBackward<T> p, int u, int up) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // the plan asks for compute capability 8.0 (bfloat16 tensor cores)
+#else
+  constexpr bool mma = kTensorCoresBackward<T>;
+  constexpr int tile = mma ? kTile : kRows;  // batch rows per product
   cg::grid_group grid = cg::this_grid();
   const int H = p.hidden, P = p.proj, G = 4 * H, tid = threadIdx.x;
   const bool proj = p.w_hr != nullptr;
   const int j0 = blockIdx.x * u, nu = imin(u, H - j0);
   const int c0 = blockIdx.x * up, np = imin(up, P - c0);
   const Steps S{p.rows, p.reverse};
-  const BackwardSlices slices(H, P, u, up, proj);
-  const Shared L = backward_shared(sizeof(T), H, P, u, up, proj);
+  const BackwardSlices slices(H, P, u, up, proj, mma);
+  const Shared L = backward_shared(sizeof(T), H, P, u, up, proj, mma);
   LSTM_DYNAMIC_SHARED(unsigned char, smem);
   T* w = reinterpret_cast<T*>(smem + L.w);    // column c: W_hh column c0 + c
   T* wr = reinterpret_cast<T*>(smem + L.wr);  // column j: W_hr column j0 + j
-  float* stage = reinterpret_cast<float*>(smem + L.stage);
   float* part = reinterpret_cast<float*>(smem + L.part);
   float* out = reinterpret_cast<float*>(smem + L.out);
+  auto product = [&](const auto& in, int rows, int K, const T* weights, const Slice& slice) {
+    if constexpr (mma)
+      mma_product<true>(in, rows, K, weights, slice, reinterpret_cast<T*>(smem + L.stage), part,
+                        out);
+    else
+      fma_product(in, rows, K, weights, slice, reinterpret_cast<float*>(smem + L.stage), part,
+                  out);
+  };
 
   load_slice(w, slices.w, [&](int c, int k) {
     return c < np ? p.w_hh[static_cast<int64_t>(k) * P + c0 + c] : T(0);
@@ -399,13 +427,13 @@ __global__ void __launch_bounds__(kThreads)
   for (int k = S.rows.steps - 1; k >= 0; --k) {
     const int t = S.step(k), n = S.count(t), r0 = S.first(t);
     const int n_prev = S.count_at(k - 1), r_prev = k > 0 ? S.first(S.step(k - 1)) : 0;
-    for (int b0 = 0; b0 < n; b0 += kRows) {
-      const int rows = imin(kRows, n - b0);
+    for (int b0 = 0; b0 < n; b0 += tile) {
+      const int rows = imin(tile, n - b0);
       if (proj) {  // dh' = dh_t W_hr for this block's units
         auto dh = [&](int r, int kk) {
           return load_cg(p.dh + static_cast<int64_t>(r0 + b0 + r) * P + kk);
         };
-        fma_product(dh, rows, P, wr, slices.wr, stage, part, out);
+        product(dh, rows, P, wr, slices.wr);
       }
       for (int e = tid; e < rows * nu; e += kThreads) {
         const int r = e / nu, j = e % nu, b = b0 + r, unit = j0 + j;
@@ -432,12 +460,12 @@ __global__ void __launch_bounds__(kThreads)
     }
     grid.sync();  // dG_t of every unit written
     if (np > 0) {
-      for (int b0 = 0; b0 < n; b0 += kRows) {
-        const int rows = imin(kRows, n - b0);
+      for (int b0 = 0; b0 < n; b0 += tile) {
+        const int rows = imin(tile, n - b0);
         auto dg = [&](int r, int kk) {
           return load_cg(p.dgates + static_cast<int64_t>(r0 + b0 + r) * G + kk);
         };
-        fma_product(dg, rows, G, w, slices.w, stage, part, out);
+        product(dg, rows, G, w, slices.w);
         // dh_{t-1} += dG_t W_hh: into the previous step's rows, or dh0 for
         // the rows that start at this step.
         for (int e = tid; e < rows * np; e += kThreads) {
@@ -454,6 +482,7 @@ __global__ void __launch_bounds__(kThreads)
     else
       __syncthreads();  // this block's columns of dh_{t-1} are its next units
   }
+#endif
 }
 
 template <typename T>
@@ -536,7 +565,10 @@ Plan plan_forward(int hidden, int proj_size) {
 template <typename T>
 Plan plan_backward(int hidden, int proj_size) {
   const bool proj = proj_size != hidden;
-  return plan(hidden, proj_size, proj, sizeof(T), &backward_shared, &backward_kernel<T>);
+  auto shared = [](size_t t_size, int H, int P, int u, int up, bool proj) {
+    return backward_shared(t_size, H, P, u, up, proj, kTensorCoresBackward<T>);
+  };
+  return plan(hidden, proj_size, proj, sizeof(T), shared, &backward_kernel<T>);
 }
 
 // The kernel's dynamic shared memory limit raised to the plan's (the
