@@ -108,7 +108,19 @@ def build(sanitize=None, selftest=False, jobs=None, verbose=False):
     if run.returncode != 0:
         raise RuntimeError(f"emulated link failed: {shlex.join(cmd)}\n{run.stderr}")
     tmp.rename(lib)  # complete or absent: a cache hit is never half a build
+    _prune(out)
     return lib
+
+
+def _prune(keep, count=2):
+    """Drop all but the `count` newest builds of keep's variant."""
+    import shutil
+    variant = keep.name.rsplit("-", 1)[0]
+    builds = sorted((d for d in keep.parent.iterdir()
+                     if d.is_dir() and d.name.rsplit("-", 1)[0] == variant),
+                    key=lambda d: d.stat().st_mtime, reverse=True)
+    for old in builds[count:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def runtime(sanitize):

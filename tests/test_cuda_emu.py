@@ -37,7 +37,8 @@ def run_suite(lib, *args, sanitize=None, timeout=1800, **env):
     """pytest of the CUDA suite (or `args`) on the emulated library: (exit
     status, output, number passed)."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-           *(args or [SUITE])]
+           # Not captured by pytest under a sanitizer: its report ends the process.
+           *(["-s"] if sanitize else []), *(args or [SUITE])]
     run = subprocess.run(cmd, cwd=HERE.parent, env=emu.environment(lib, sanitize, **env),
                          capture_output=True, text=True, timeout=timeout)
     out = run.stdout + run.stderr
