@@ -9,9 +9,10 @@ with all blocks of every launch at once and the threads of a block scheduled
 in reverse, and with a planted missing barrier (which must fail). The
 emulator's own semantics (warp operations, atomics, wmma, grid.sync, launch
 checks, deadlocks, poisoned shared memory) are checked on the kernels of
-csrc/emu/selftest.cu. tests/test_cuda_emu.py::test_*_sanitized (slow) run the
-suite under ThreadSanitizer and under ASan+UBSan: a race, an out-of-bounds
-access or undefined behaviour fails them.
+csrc/emu/selftest.cu. The tests marked `sanitized` (deselected by default;
+`pytest -m sanitized tests/test_cuda_emu.py`, which CI runs) run the suite
+under ThreadSanitizer and under ASan+UBSan: a race, an out-of-bounds access
+or undefined behaviour fails them, and a planted missing barrier is a race.
 """
 import os
 import re
@@ -119,12 +120,13 @@ def test_planted_missing_barrier_fails_the_suite(lib, function):
     assert rc == 1 and re.search(r"\b[1-9] failed", out), out[-3000:]
 
 
-# --- the same under the sanitizers (slow: a build each) ------------------------------
+# --- the same under the sanitizers (minutes: a build each; deselected unless -m sanitized,
+# which CI runs) ----------------------------------------------------------------------------
 
 SANITIZED = "tile or packed or half"
 
 
-@pytest.mark.slow
+@pytest.mark.sanitized
 @pytest.mark.parametrize("sanitize", ["thread", "address"])
 def test_cuda_suite_sanitized(sanitize):
     """ThreadSanitizer (a race between the emulated threads: a missing or
@@ -138,7 +140,7 @@ def test_cuda_suite_sanitized(sanitize):
         assert rc == 0 and passed > 0, f"{engine}:\n{out[-8000:]}"
 
 
-@pytest.mark.slow
+@pytest.mark.sanitized
 @pytest.mark.parametrize("function", ["forward_step_kernel", "forward_kernel"])
 def test_planted_missing_barrier_is_a_race(function):
     """Under ThreadSanitizer a deleted barrier is reported as a data race."""
