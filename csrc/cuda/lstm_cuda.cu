@@ -14,7 +14,7 @@
 
 #include <cstdint>
 
-#include "../lstm_cell.h"
+#include "unit.h"
 
 namespace lstm_fused::cuda {
 namespace {
@@ -85,26 +85,10 @@ __global__ void __launch_bounds__(kThreads) forward_step_kernel(const ForwardSte
   for (int r = 0; r < kRowsPerThread; ++r) {
     const int b = b0 + ty + r * kLanes;
     if (b >= p.n) continue;
-    // Read all four pre-activations before writing: xg may alias gates.
-    const A* xg = p.xg + b * G;
-    A zi = acc[0][r] + xg[j], zf = acc[1][r] + xg[H + j];
-    A zg = acc[2][r] + xg[2 * H + j], zo = acc[3][r] + xg[3 * H + j];
-    if (p.bias != nullptr) {
-      zi += p.bias[j];
-      zf += p.bias[H + j];
-      zg += p.bias[2 * H + j];
-      zo += p.bias[3 * H + j];
-    }
-    A& c_state = p.c_state[static_cast<int64_t>(b) * H + j];
-    A c, h;
-    cell_forward(zi, zf, zg, zo, static_cast<A>(c_state), c, h);
-    c_state = c;
-    T* gates = p.gates + b * G;
-    gates[j] = static_cast<T>(zi);
-    gates[H + j] = static_cast<T>(zf);
-    gates[2 * H + j] = static_cast<T>(zg);
-    gates[3 * H + j] = static_cast<T>(zo);
-    p.cells[static_cast<int64_t>(b) * H + j] = static_cast<T>(c);
+    const int64_t bh = static_cast<int64_t>(b) * H + j;
+    const A h = unit_forward(acc[0][r], acc[1][r], acc[2][r], acc[3][r], p.xg + b * G + j,
+                             p.bias != nullptr ? p.bias + j : nullptr, H, p.c_state[bh],
+                             p.gates + b * G + j, p.cells + bh);
     p.h_out[static_cast<int64_t>(b) * p.ld_h + j] = static_cast<T>(h);
   }
 }
@@ -152,20 +136,8 @@ __global__ void __launch_bounds__(kThreads) backward_step_kernel(const BackwardS
     if (b >= p.n) continue;
     const int64_t bh = static_cast<int64_t>(b) * H + j;
     const A dh = p.w_hr != nullptr ? dh_pre[r] : p.dh[static_cast<int64_t>(b) * P + j];
-    const T* gates = p.gates + b * G;
-    const A i = static_cast<A>(gates[j]), f = static_cast<A>(gates[H + j]);
-    const A g = static_cast<A>(gates[2 * H + j]), o = static_cast<A>(gates[3 * H + j]);
-    const A c = static_cast<A>(p.cells[bh]);
-    const A c_prev = static_cast<A>(b < p.n_prev ? p.c_prev[bh] : p.c0[bh]);
-    A& dc = p.dc[bh];
-    A di, df, dg, dout, dc_prev;
-    cell_backward(i, f, g, o, c, c_prev, dh, static_cast<A>(dc), di, df, dg, dout, dc_prev);
-    dc = dc_prev;
-    A* dgates = p.dgates + b * G;
-    dgates[j] = di;
-    dgates[H + j] = df;
-    dgates[2 * H + j] = dg;
-    dgates[3 * H + j] = dout;
+    unit_backward(dh, p.gates + b * G + j, p.cells[bh], b < p.n_prev ? p.c_prev[bh] : p.c0[bh],
+                  H, p.dc[bh], p.dgates + b * G + j);
   }
 }
 

@@ -23,8 +23,8 @@
 #include <algorithm>
 #include <type_traits>
 
-#include "../lstm_cell.h"
 #include "lstm_cuda.h"
+#include "unit.h"
 
 namespace lstm_fused::cuda {
 namespace {
@@ -338,27 +338,12 @@ __global__ void __launch_bounds__(kThreads)
       for (int e = tid; e < rows * nu; e += kThreads) {
         const int r = e / nu, j = e % nu, b = b0 + r, unit = j0 + j;
         const int64_t row = r0 + b;
-        const float* xg = p.xg + row * G + unit;
-        float zi = out[r * N + j] + xg[0], zf = out[r * N + u + j] + xg[H];
-        float zg = out[r * N + 2 * u + j] + xg[2 * H], zo = out[r * N + 3 * u + j] + xg[3 * H];
-        if (p.bias != nullptr) {
-          zi += p.bias[unit];
-          zf += p.bias[H + unit];
-          zg += p.bias[2 * H + unit];
-          zo += p.bias[3 * H + unit];
-        }
-        float& c_state = p.c_state[static_cast<int64_t>(b) * H + unit];
-        float c, h;
-        cell_forward(zi, zf, zg, zo, c_state, c, h);
-        c_state = c;
-        if (p.gates != nullptr) {
-          T* gates = p.gates + row * G + unit;
-          gates[0] = static_cast<T>(zi);
-          gates[H] = static_cast<T>(zf);
-          gates[2 * H] = static_cast<T>(zg);
-          gates[3 * H] = static_cast<T>(zo);
-        }
-        if (p.cells != nullptr) p.cells[row * H + unit] = static_cast<T>(c);
+        const float h = unit_forward(out[r * N + j], out[r * N + u + j], out[r * N + 2 * u + j],
+                                     out[r * N + 3 * u + j], p.xg + row * G + unit,
+                                     p.bias != nullptr ? p.bias + unit : nullptr, H,
+                                     p.c_state[static_cast<int64_t>(b) * H + unit],
+                                     p.gates != nullptr ? p.gates + row * G + unit : nullptr,
+                                     p.cells != nullptr ? p.cells + row * H + unit : nullptr);
         if (proj)
           p.h_pre[static_cast<int64_t>(b) * H + unit] = static_cast<T>(h);
         else
@@ -440,22 +425,10 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t row = r0 + b;
         // Without projection, column `unit` of dh is this block's own.
         const float dh = proj ? out[r * u + j] : p.dh[row * P + unit];
-        const T* gates = p.gates + row * G + unit;
-        const float i = static_cast<float>(gates[0]), f = static_cast<float>(gates[H]);
-        const float g = static_cast<float>(gates[2 * H]), o = static_cast<float>(gates[3 * H]);
-        const float c = static_cast<float>(p.cells[row * H + unit]);
-        const float c_prev = static_cast<float>(
-            b < n_prev ? p.cells[static_cast<int64_t>(r_prev + b) * H + unit]
-                       : p.c0[static_cast<int64_t>(b) * H + unit]);
-        float& dc = p.dc[static_cast<int64_t>(b) * H + unit];
-        float di, df, dg, dout, dc_prev;
-        cell_backward(i, f, g, o, c, c_prev, dh, dc, di, df, dg, dout, dc_prev);
-        dc = dc_prev;
-        float* dgates = p.dgates + row * G + unit;
-        dgates[0] = di;
-        dgates[H] = df;
-        dgates[2 * H] = dg;
-        dgates[3 * H] = dout;
+        unit_backward(dh, p.gates + row * G + unit, p.cells[row * H + unit],
+                      b < n_prev ? p.cells[static_cast<int64_t>(r_prev + b) * H + unit]
+                                 : p.c0[static_cast<int64_t>(b) * H + unit],
+                      H, p.dc[static_cast<int64_t>(b) * H + unit], p.dgates + row * G + unit);
       }
     }
     grid.sync();  // dG_t of every unit written
