@@ -67,7 +67,8 @@ def write_build_info():
               f'#define LSTM_FUSED_BUILD_INFO "{text}"\n')
     path = os.path.join(GENERATED, "lstm_fused_build_info.h")
     os.makedirs(GENERATED, exist_ok=True)
-    if not os.path.exists(path) or open(path).read() != header:
+    old = open(path).read() if os.path.exists(path) else None
+    if old != header:
         with open(path, "w") as f:
             f.write(header)
 

@@ -14,7 +14,8 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-if ! command -v nvcc >/dev/null && [ -z "${CUDA_HOME:-}" ] && [ ! -x /usr/local/cuda/bin/nvcc ]; then
+if ! command -v nvcc >/dev/null && [ -z "${CUDA_HOME:-}" ] \
+   && [ ! -x /usr/local/cuda/bin/nvcc ]; then
   echo "== CUDA build skipped: no nvcc on this machine (set CUDA_HOME to a CUDA toolkit)"
   exit 0
 fi

@@ -99,7 +99,8 @@ def candidates(env, default_home=DEFAULT_HOME):
 
 
 def wheel_header_dirs(site_dirs):
-    return sorted(d for s in site_dirs for d in glob.glob(os.path.join(s, "nvidia", "*", "include")))
+    return sorted(d for s in site_dirs
+                  for d in glob.glob(os.path.join(s, "nvidia", "*", "include")))
 
 
 def check(home, torch_cuda, site_dirs):

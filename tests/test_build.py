@@ -67,7 +67,8 @@ def site(tmp_path):
 
 def decide(torch_cuda="13.0", path=(), site=None, default_home="/nonexistent", **env):
     env = {"PATH": os.pathsep.join(map(str, path)), **env}
-    return cuda_detect.decide(torch_cuda, env, [site] if site else [], default_home=str(default_home))
+    return cuda_detect.decide(torch_cuda, env, [site] if site else [],
+                              default_home=str(default_home))
 
 
 def test_toolkit_on_path(tmp_path, site):
@@ -182,9 +183,10 @@ def test_force_cpu(tmp_path, site):
     ("cpu torch", "CPU-only build"), ("nothing", "no nvcc on PATH"),
     ("no cublas", "no cublas_v2.h")])
 def test_force_cuda_fails_naming_what_is_missing(tmp_path, site, case, missing):
-    tk = toolkit(tmp_path / "cuda", release="12.8" if case == "major" else "13.0",
-                 headers=("cuda_runtime_api.h",) if case == "no crt" else cuda_detect.TOOLKIT_HEADERS)
-    kw = dict(path=[] if case == "nothing" else [tk / "bin"], site=None if case == "no cublas" else site)
+    headers = ("cuda_runtime_api.h",) if case == "no crt" else cuda_detect.TOOLKIT_HEADERS
+    tk = toolkit(tmp_path / "cuda", release="12.8" if case == "major" else "13.0", headers=headers)
+    kw = dict(path=[] if case == "nothing" else [tk / "bin"],
+              site=None if case == "no cublas" else site)
     with pytest.raises(cuda_detect.ForcedCudaError, match="LSTM_FUSED_FORCE_CUDA=1, but") as e:
         decide(None if case == "cpu torch" else "13.0", LSTM_FUSED_FORCE_CUDA="1", **kw)
     assert missing in str(e.value)
@@ -233,7 +235,8 @@ def test_setup_force_cuda_is_an_error(tmp_path):
     rc, out, err = run_setup({"LSTM_FUSED_FORCE_CUDA": "1", "CUDA_HOME": str(tmp_path)})
     assert rc != 0
     assert "lstm_fused: LSTM_FUSED_FORCE_CUDA=1, but" in err
-    assert ("CPU-only build" if torch.version.cuda is None else f"{tmp_path} has no bin/nvcc") in err
+    missing = "CPU-only build" if torch.version.cuda is None else f"{tmp_path} has no bin/nvcc"
+    assert missing in err
 
 
 def test_build_info_matches_this_process():
@@ -253,5 +256,6 @@ def test_build_info_matches_this_process():
         assert info["cuda_version"].split(".")[0] == torch.version.cuda.split(".")[0]
         assert info["cuda_archs"]
     elif info["reason"] != "LSTM_FUSED_FORCE_CPU=1":
-        now = cuda_detect.decide(torch.version.cuda, site_dirs=[str(Path(torch.__file__).parents[1])])
+        site = str(Path(torch.__file__).parents[1])
+        now = cuda_detect.decide(torch.version.cuda, site_dirs=[site])
         assert not now.cuda, f"built CPU-only ({info['reason']}), but {now.reason}"
