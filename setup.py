@@ -23,7 +23,6 @@ from setuptools import setup
 import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-GENERATED = os.path.join(ROOT, "build", "generated")
 sys.path.insert(0, os.path.join(ROOT, "build_support"))
 import cuda_detect  # noqa: E402
 
@@ -41,6 +40,13 @@ from torch.utils import cpp_extension  # noqa: E402
 if DECISION.cuda:
     cpp_extension.CUDA_HOME = DECISION.cuda_home
 
+# The objects, one folder per Python, torch and kind: setuptools builds an
+# editable install in a new temporary folder each time, which would make
+# every `pip install -e .` compile everything again.
+BUILD_TEMP = os.path.join(ROOT, "build", "temp-py%d%d-torch%s-%s" % (
+    *sys.version_info[:2], torch.__version__, "cuda" if DECISION.cuda else "cpu"))
+GENERATED = os.path.join(BUILD_TEMP, "generated")
+
 
 def env_flag(name):
     return cuda_detect.flag(os.environ, name)
@@ -55,7 +61,7 @@ def cuda_archs():
 
 
 def write_build_info():
-    """build/generated/lstm_fused_build_info.h: the decision as a JSON string
+    """GENERATED/lstm_fused_build_info.h: the decision as a JSON string
     that csrc/module.cpp returns from _C.build_info(). Rewritten only when it
     changes, so ninja recompiles module.cpp only then."""
     info = {"cuda": DECISION.cuda, "reason": DECISION.reason,
@@ -76,6 +82,7 @@ def write_build_info():
 class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
     def run(self):
         print(DECISION.line(), file=sys.stderr)
+        self.build_temp = BUILD_TEMP
         write_build_info()
         super().run()
 
