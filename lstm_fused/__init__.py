@@ -1,4 +1,6 @@
 """lstm_fused: a fused LSTM for PyTorch, a drop-in for torch.nn.LSTM."""
+import json
+
 from . import ops  # noqa: F401  (imports torch, loads the kernels, registers the ops)
 from . import _C
 from .modules import LSTM
@@ -18,5 +20,13 @@ def cpu_isa():
     return _C.cpu_isa()
 
 
-__all__ = ["LSTM", "LSTMCell", "cpu_isa", "cuda_plan", "ops"]
+def build_info():
+    """How this extension was built: {"cuda": whether it has the CUDA kernels,
+    "reason": why (the line the build printed), "cuda_version", "cuda_home",
+    "cuda_archs" (None in a CPU-only build), "torch" and "torch_cuda" (the torch
+    it was built against)}."""
+    return json.loads(_C.build_info())
+
+
+__all__ = ["LSTM", "LSTMCell", "build_info", "cpu_isa", "cuda_plan", "ops"]
 __version__ = "0.1.0"
