@@ -563,7 +563,7 @@ def table(result):
     head = ["case", "mode", "dtype", "ours ms", "torch ms"] + [f"{r} ms" for r in refs]
     head += ["speed-up"] + [f"vs {r}" for r in refs] + ["parity out", "parity dx",
                                                         "mem ours/torch MB"]
-    gpu = result["environment"]["device"] == "cuda"
+    gpu = result.get("environment", {}).get("device") == "cuda"
     if gpu:
         head.append("engine")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

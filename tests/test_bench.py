@@ -227,3 +227,21 @@ def test_failing_case_is_recorded(monkeypatch):
               "cases": [c]}
     assert f"| {case.name} | inference | fp32 | error: RuntimeError" in bench.table(result)
     assert bench.summary(result) == ""
+
+
+def test_engine_column_on_the_gpu():
+    """A GPU result's table says which CUDA kernels ran (lstm_fused.cuda_plan)."""
+    assert bench._engine_short(None) == "—"
+    persistent = "persistent: 128 blocks x 8 units, 150 KB shared memory per block"
+    assert bench._engine_short({"forward": persistent, "backward": persistent}) == \
+        "persistent 128×8"
+    assert bench._engine_short({"forward": persistent, "backward": "per-step"}) == \
+        "persistent 128×8 / per-step"
+    case = {"name": "T10 B2", "mode": "train", "dtype": "bf16", "error": None,
+            "engine": {"forward": persistent, "backward": persistent}, "speedup": 2.0,
+            "speedup_vs": {}, "parity": {"output": 1e-3, "grad_input": 1e-3},
+            "impls": {n: {"median_ms": 1.0, "q1_ms": 1.0, "q3_ms": 1.0, "peak_mem_bytes": 0}
+                      for n in ("ours", "torch")}}
+    result = {"environment": {"device": "cuda"}, "config": {"refs": ["torch"]}, "cases": [case]}
+    lines = bench.table(result).splitlines()
+    assert lines[0].endswith("| engine |") and lines[2].endswith("| persistent 128×8 |")
