@@ -7,8 +7,9 @@
 // h_{t-1} W_hh^T with a register-tiled microkernel (6 rows by two vectors),
 // straight into the gate rows, and applies the cell (lstm_cell.h) to them
 // while they are in L1. Batch 1 reads W_hh in place (dot products) instead of
-// packing it. Backward mirrors it, then runs dx and the weight gradients as
-// GEMMs over all steps in the same parallel region.
+// packing it. Backward mirrors it (per step one GEMM gives dh_{t-1} and dx_t
+// while the step's gate gradients are in cache), then runs the weight
+// gradients as one GEMM over all steps in the same parallel region.
 //
 // The caller allocates every buffer (sizes below); nothing here allocates.
 #pragma once
@@ -51,8 +52,8 @@ void fused_forward(const LayerDims& d, const int64_t* step_offsets, const Forwar
 
 // Backward: the recurrence fills dgates [N, 4H] (the gate pre-activation
 // gradients of every step), a.dh0, a.dc0, a.db (if not null) and, with a
-// projection, dh_all [N, P] (dh of every step); then dx, dW_ih and dW_hh are
-// GEMMs over dgates. dW_hr is left to the caller.
+// projection, dh_all [N, P] (dh of every step) and dx, step by step; then
+// dW_ih and dW_hh are one GEMM over dgates. dW_hr is left to the caller.
 template <typename T>
 void fused_backward(const LayerDims& d, const int64_t* step_offsets, const BackwardArgs<T>& a,
                     T* dgates, T* dh_all, T* work, int threads);

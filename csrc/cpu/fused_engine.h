@@ -143,6 +143,21 @@ void pack_a(int64_t b0, int64_t b1, const T* A, int64_t rs, int64_t cs, int64_t 
   }
 }
 
+// pack_a for A stored transposed (rs = 1): a tile's rows at each k are
+// contiguous, copied as masked vectors.
+template <class V, typename T = typename V::scalar>
+void pack_at(int64_t b0, int64_t b1, const T* A, int64_t cs, int64_t k0, int64_t kc, T* out) {
+  for (int64_t b = b0; b < b1;) {
+    const int mr = tile_rows(b1 - b);
+    const T* src = A + b + k0 * cs;
+    for (int64_t k = 0; k < kc; ++k)
+      for (int r = 0; r < mr; r += V::width)
+        V::load(src + k * cs + r, mr - r).store(out + k * mr + r, mr - r);
+    out += mr * kc;
+    b += mr;
+  }
+}
+
 // C[rows, nc] (+)= A[rows, K] B[K, nc] for rows in [b0, b1), tile by tile.
 template <class V, typename T = typename V::scalar>
 inline void gemm_rows(int64_t b0, int64_t b1, int64_t K, const T* A, int64_t lda, const T* B,
@@ -176,19 +191,25 @@ struct Panel {
   const T* bias;
 };
 
-// C = A B for M rows, one thread's share: row blocks of kMC round-robin over
-// the team (or, for few rows, panels), K in blocks of kKC. panel(p) gives
-// panel p of np; pack(m0, m1, k0, kc, buf) packs A's block. The first K
-// block stores (adding the bias, if any), the others add.
+// C = A B for M rows, one thread's share: row blocks of at most kMC, the same
+// number for every thread (or, for few rows, a share of the panels), K in
+// blocks of kKC. panel(p) gives panel p of np; pack(m0, m1, k0, kc, buf)
+// packs A's block. The first K block stores (adding the bias, if any), the
+// others add. While a panel's tiles run, the next panel's K block is
+// fetched into L2, a share per tile (panels lie apart: the hardware
+// prefetchers would not see it coming).
 template <class V, class PackA, class PanelFn, typename T = typename V::scalar>
 void gemm_blocks(int nt, int tid, int64_t M, int64_t K, const PackA& pack, int64_t np,
                  const PanelFn& panel, T* ablk) {
+  constexpr int64_t NR = 2 * V::width;
   // Few rows: each thread takes a share of the panels for all rows (packing
   // A twice); else a share of the row blocks for all panels.
   const int groups = M >= 4 * nt * kMC ? 1 : nt, g = tid % groups;
   const int64_t p0 = np * g / groups, p1 = np * (g + 1) / groups;
-  for (int64_t blk = tid / groups; blk * kMC < M; blk += nt / groups) {
-    const int64_t m0 = blk * kMC, m1 = imin(M, m0 + kMC);
+  const int64_t blocks = groups == 1 ? nt * cdiv(M, nt * kMC) : cdiv(M, kMC);
+  for (int64_t blk = tid / groups; blk < blocks; blk += nt / groups) {
+    const int64_t m0 = M * blk / blocks, m1 = M * (blk + 1) / blocks;
+    const int64_t tiles = cdiv(m1 - m0, 6);
     for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += k_block<V>) {
       const int64_t kc = imin(k_block<V>, K - k0);
       pack(m0, m1, k0, kc, ablk);
@@ -197,8 +218,17 @@ void gemm_blocks(int nt, int tid, int64_t M, int64_t K, const PackA& pack, int64
         const Mode mode = k0 > 0 ? kAdd : o.bias ? kBias : kStore;
         const T* bp = o.b + k0 * o.ldb;
         const T* ap = ablk;
+        const char* next = nullptr;
+        int64_t lines = 0, done = 0, it = 0;
+        if (p + 1 < p1) {
+          const Panel<T> nx = panel(p + 1);
+          next = reinterpret_cast<const char*>(nx.b + k0 * nx.ldb);
+          lines = nx.ldb == NR ? kc * NR * int64_t(sizeof(T)) / 64 : 0;  // packed only
+        }
         for (int64_t b = m0; b < m1;) {
           const int mr = tile_rows(m1 - b);
+          for (const int64_t upto = lines * ++it / tiles; done < upto; ++done)
+            __builtin_prefetch(next + done * 64, 0, 2);
           tile_mr<V>(mr, kc, ap, 0, bp, o.ldb, o.c + b * o.ldc, o.ldc, o.ncols, mode, o.bias);
           ap += mr * kc;
           b += mr;
@@ -292,7 +322,7 @@ LF_INLINE void cell_forward_rows(int64_t b0, int64_t b1, int64_t u0, int64_t nc,
 struct ForwardLayout {
   bool pack_ih, pack_hh;
   int64_t chunk;  // steps per chunk of the input projection
-  int64_t pih, phh, phr, hpre, apack, ring, size;
+  int64_t pih, phh, phr, hpre, apack, ring, hpack, size;
 };
 template <int NR, typename T>
 ForwardLayout forward_layout(const LayerDims& d, bool proj, bool save, int threads) {
@@ -310,7 +340,9 @@ ForwardLayout forward_layout(const LayerDims& d, bool proj, bool save, int threa
   l.apack = l.hpre + (proj ? d.batch * d.hidden : 0);
   l.ring = l.apack + (l.pack_ih ? threads * kMC * kKC : 0);
   // Without save the chunk's gates live here, not in a.gates.
-  l.size = l.ring + (save ? 0 : l.chunk * d.batch * G);
+  l.hpack = l.ring + (save ? 0 : l.chunk * d.batch * G);
+  // h_{t-1} packed as the step's A operand, one copy per thread.
+  l.size = l.hpack + (l.pack_hh ? threads * d.batch * d.proj : 0);
   return l;
 }
 
@@ -323,7 +355,7 @@ struct Forward {
   int64_t N, B, I, H, P, G, chunks, pchunks;
   bool pack_ih, pack_hh, proj, save;
   int64_t chunk;
-  T *bias, *pih, *phh, *phr, *hpre, *apack, *ring;
+  T *bias, *pih, *phh, *phr, *hpre, *apack, *ring, *hpack;
 
   Forward(const LayerDims& d_, const int64_t* off_, const ForwardArgs<T>& a_, T* work,
           int threads)
@@ -344,6 +376,7 @@ struct Forward {
     hpre = work + l.hpre;
     apack = work + l.apack;
     ring = work + l.ring;
+    hpack = work + l.hpack;
   }
 
   int64_t step_at(int64_t k) const { return d.reverse ? d.steps - 1 - k : k; }
@@ -386,9 +419,10 @@ struct Forward {
   }
 
   // gates rows [b0, b1) of this step += h_prev W_hh^T for chunk c, then the
-  // cell on them. h_prev row b is at hp + b*P.
-  void step_rows(int64_t b0, int64_t b1, int64_t c, const T* hp, T* g, T* cells, T* h_out,
-                 int64_t ldh) {
+  // cell on them. h_prev row b is at hp + b*P (batch 1), or packed for the
+  // tiles of [b0, b1) at hpk.
+  void step_rows(int64_t b0, int64_t b1, int64_t c, const T* hp, const T* hpk, T* g, T* cells,
+                 T* h_out, int64_t ldh) {
     const int64_t u0 = c * NR, nc = imin(NR, H - u0);
     if (!pack_hh) {  // batch 1: W_hh in place
       for (int64_t b = b0; b < b1; ++b)
@@ -403,8 +437,8 @@ struct Forward {
     for (int64_t b = b0; b < b1;) {
       const int mr = tile_rows(b1 - b);
       for (int q = 0; q < 4; ++q)
-        tile_mr<V>(mr, P, hp + b * P, P, panels + q * P * NR, NR, g + b * G + q * H + u0, G,
-                   nc, kAdd);
+        tile_mr<V>(mr, P, hpk + (b - b0) * P, 0, panels + q * P * NR, NR, g + b * G + q * H + u0,
+                   G, nc, kAdd);
       cell_forward_rows<V>(b, b + mr, u0, nc, H, g, a.c_n, cells, h_out, ldh);
       b += mr;
     }
@@ -433,9 +467,16 @@ struct Forward {
         T* cells = save ? a.cells + r0 * H : nullptr;
         T* h_out = proj ? hpre : a.y + r0 * P;
         const int64_t ldh = proj ? H : P;
+        // Each thread packs h_{t-1} for its tiles (the step's A operand, read
+        // once per gate and chunk).
+        T* hpk = hpack + tid * B * P;
+        if (pack_hh) {
+          if (n_prev > 0) pack_a(0, n_prev, y_prev, P, 1, 0, P, hpk);
+          if (n_prev < n) pack_a(n_prev, n, a.h0, P, 1, 0, P, hpk + n_prev * P);
+        }
         for (int64_t c = mine.begin; c < mine.end; ++c) {
-          if (n_prev > 0) step_rows(0, n_prev, c, y_prev, g, cells, h_out, ldh);
-          if (n_prev < n) step_rows(n_prev, n, c, a.h0, g, cells, h_out, ldh);
+          if (n_prev > 0) step_rows(0, n_prev, c, y_prev, hpk, g, cells, h_out, ldh);
+          if (n_prev < n) step_rows(n_prev, n, c, a.h0, hpk + n_prev * P, g, cells, h_out, ldh);
         }
         if (proj) {
 #pragma omp barrier
@@ -629,31 +670,18 @@ struct Backward {
     }
   }
 
-  // After the recurrence: dx = dgates W_ih and [dW_ih | dW_hh] = dgates^T
-  // [x | h_{t-1}], big GEMMs over all rows.
+  // After the recurrence: [dW_ih | dW_hh] = dgates^T [x | h_{t-1}], one big
+  // GEMM over all rows.
   void weight_gradients(int nt, int tid) {
     const int64_t ic = ichunks;
-    for (int64_t p = tid; p < 2 * ic + pchunks; p += nt) {
-      if (p < ic) {
-        if (packed) pack_cols_panel<T, NR>(a.w_ih, G, I, p, pwih + p * G * NR);
-      } else if (p < 2 * ic) {
-        pack_cols_panel<T, NR>(a.x, N, I, p - ic, pxh + (p - ic) * N * NR);
-      } else {
-        pack_h_prev_panel(p - 2 * ic, pxh + (p - ic) * N * NR);
-      }
+    for (int64_t p = tid; p < ic + pchunks; p += nt) {
+      if (p < ic) pack_cols_panel<T, NR>(a.x, N, I, p, pxh + p * N * NR);
+      else pack_h_prev_panel(p - ic, pxh + p * N * NR);
     }
 #pragma omp barrier
     T* ablk = apack + tid * kMC * kKC;
-    const auto rows = [&](int64_t m0, int64_t m1, int64_t k0, int64_t kc, T* buf) {
-      pack_a(m0, m1, dgates, G, 1, k0, kc, buf);
-    };
-    const auto dx = [&](int64_t p) {
-      const T* b = packed ? pwih + p * G * NR : a.w_ih + p * NR;
-      return Panel<T>{b, packed ? NR : I, a.dx + p * NR, I, imin(NR, I - p * NR), nullptr};
-    };
-    gemm_blocks<V>(nt, tid, N, G, rows, ic, dx, ablk);
     const auto cols = [&](int64_t m0, int64_t m1, int64_t k0, int64_t kc, T* buf) {
-      pack_a(m0, m1, dgates, 1, G, k0, kc, buf);
+      pack_at<V>(m0, m1, dgates, G, k0, kc, buf);
     };
     const auto dw = [&](int64_t p) {
       const T* b = pxh + p * N * NR;
@@ -663,43 +691,51 @@ struct Backward {
     };
     gemm_blocks<V>(nt, tid, G, N, cols, ic + pchunks, dw, ablk);
   }
+
   int64_t step_at(int64_t k) const { return d.reverse ? d.steps - 1 - k : k; }
 
-  // Cell backward on rows [b0, b1) for chunk c; c_prev row b at cp + b*H.
-  void cell_rows(int64_t b0, int64_t b1, int64_t c, int64_t r0, const T* cp, const T* dhv,
-                 int64_t lddh) {
-    using C = X2<V>;  // the chunk's units
-    const int64_t u = c * NR, n = imin(NR, H - u);
-    for (int64_t b = b0; b < b1; ++b) {
-      const T* g = a.gates + (r0 + b) * G + u;
-      T* dg = dgates + (r0 + b) * G + u;
-      T* dc = a.dc0 + b * H + u;
-      C di, df, dgg, dout, dcp;
-      cell_backward(C::load(g, n), C::load(g + H, n), C::load(g + 2 * H, n),
-                    C::load(g + 3 * H, n), C::load(a.cells + (r0 + b) * H + u, n),
-                    C::load(cp + b * H + u, n), C::load(dhv + b * lddh + u, n), C::load(dc, n),
-                    di, df, dgg, dout, dcp);
-      di.store(dg, n);
-      df.store(dg + H, n);
-      dgg.store(dg + 2 * H, n);
-      dout.store(dg + 3 * H, n);
-      dcp.store(dc, n);
-      if (a.db != nullptr) {
-        T* db = a.db + u;
-        (C::load(db, n) + di).store(db, n);
-        (C::load(db + H, n) + df).store(db + H, n);
-        (C::load(db + 2 * H, n) + dgg).store(db + 2 * H, n);
-        (C::load(db + 3 * H, n) + dout).store(db + 3 * H, n);
+  // Cell backward on rows [b0, b1) for chunks [c0, c1), row by row (each
+  // row's units are contiguous: the hardware prefetchers follow); c_prev row
+  // b at cp + b*H.
+  void cell_rows(int64_t b0, int64_t b1, int64_t c0, int64_t c1, int64_t r0, const T* cp,
+                 const T* dhv, int64_t lddh) {
+    using C = X2<V>;  // a chunk's units
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t u = c * NR, n = imin(NR, H - u);
+        const T* g = a.gates + (r0 + b) * G + u;
+        T* dg = dgates + (r0 + b) * G + u;
+        T* dc = a.dc0 + b * H + u;
+        C di, df, dgg, dout, dcp;
+        cell_backward(C::load(g, n), C::load(g + H, n), C::load(g + 2 * H, n),
+                      C::load(g + 3 * H, n), C::load(a.cells + (r0 + b) * H + u, n),
+                      C::load(cp + b * H + u, n), C::load(dhv + b * lddh + u, n), C::load(dc, n),
+                      di, df, dgg, dout, dcp);
+        di.store(dg, n);
+        df.store(dg + H, n);
+        dgg.store(dg + 2 * H, n);
+        dout.store(dg + 3 * H, n);
+        dcp.store(dc, n);
+        if (a.db != nullptr) {
+          T* db = a.db + u;
+          (C::load(db, n) + di).store(db, n);
+          (C::load(db + H, n) + df).store(db + H, n);
+          (C::load(db + 2 * H, n) + dgg).store(db + 2 * H, n);
+          (C::load(db + 3 * H, n) + dout).store(db + 3 * H, n);
+        }
       }
-    }
   }
 
   void run(int nt, int tid) {
     const Range mine = split(chunks, nt, tid), pmine = split(pchunks, nt, tid);
-    // Each thread packs the panels of the dh columns it computes.
-    if (packed)
+    const Range imine = split(ichunks, nt, tid);
+    // Each thread packs the panels of the dh and dx columns it computes.
+    if (packed) {
       for (int64_t c = pmine.begin; c < pmine.end; ++c)
         pack_cols_panel<T, NR>(a.w_hh, G, P, c, phh + c * G * NR);
+      for (int64_t c = imine.begin; c < imine.end; ++c)
+        pack_cols_panel<T, NR>(a.w_ih, G, I, c, pwih + c * G * NR);
+    }
     // Running gradients: dh0 holds dh, dc0 holds dc; each thread its columns.
     T* dh = a.dh0;
     for (int64_t c = pmine.begin; c < pmine.end; ++c) {
@@ -742,17 +778,22 @@ struct Backward {
         dhv = dhp;
         lddh = H;
       }
-      for (int64_t c = mine.begin; c < mine.end; ++c) {
-        if (n_prev > 0) cell_rows(0, n_prev, c, r0, a.cells + off[tp] * H, dhv, lddh);
-        if (n_prev < n) cell_rows(n_prev, n, c, r0, a.c0, dhv, lddh);
-      }
+      if (n_prev > 0) cell_rows(0, n_prev, mine.begin, mine.end, r0, a.cells + off[tp] * H, dhv, lddh);
+      if (n_prev < n) cell_rows(n_prev, n, mine.begin, mine.end, r0, a.c0, dhv, lddh);
 #pragma omp barrier
-      // dh_{t-1} = dgates_t W_hh for the active rows.
+      // [dh_{t-1} | dx_t] = dgates_t [W_hh | W_ih] for the active rows while
+      // the step's gate gradients are in cache, the dh columns first (the
+      // next step waits for them).
+      const T* dg = dgates + r0 * G;
       for (int64_t c = pmine.begin; c < pmine.end; ++c) {
         int64_t ldb;
         const T* w = w_hh_panel(c, &ldb);
-        gemm_rows<V>(0, n, G, dgates + r0 * G, G, w, ldb, dh + c * NR, P, imin(NR, P - c * NR),
-                     kStore);
+        gemm_rows<V>(0, n, G, dg, G, w, ldb, dh + c * NR, P, imin(NR, P - c * NR), kStore);
+      }
+      for (int64_t c = imine.begin; c < imine.end; ++c) {
+        const T* w = packed ? pwih + c * G * NR : a.w_ih + c * NR;
+        gemm_rows<V>(0, n, G, dg, G, w, packed ? NR : I, a.dx + r0 * I + c * NR, I,
+                     imin(NR, I - c * NR), kStore);
       }
     }
 #pragma omp barrier
