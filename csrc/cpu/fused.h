@@ -50,13 +50,13 @@ template <typename T>
 void fused_forward(const LayerDims& d, const int64_t* step_offsets, const ForwardArgs<T>& a,
                    T* work, int threads);
 
-// Backward: the recurrence fills dgates [N, 4H] (the gate pre-activation
-// gradients of every step), a.dh0, a.dc0, a.db (if not null) and, with a
-// projection, dh_all [N, P] (dh of every step) and dx, step by step; then
-// dW_ih and dW_hh are one GEMM over dgates. dW_hr is left to the caller.
+// Backward: the recurrence fills a.dh0, a.dc0, a.db (if not null), a.dx and,
+// with a projection, dh_all [N, P] (dh of every step); the gate gradients of
+// a span of steps at a time (in the workspace) go into dW_ih and dW_hh after
+// each span. dW_hr is left to the caller.
 template <typename T>
 void fused_backward(const LayerDims& d, const int64_t* step_offsets, const BackwardArgs<T>& a,
-                    T* dgates, T* dh_all, T* work, int threads);
+                    T* dh_all, T* work, int threads);
 
 // out[r, :H] = o * tanh(c) of rows [0, N) from the saved activations and cells
 // (h before the projection, for dW_hr).
@@ -71,7 +71,7 @@ template <typename T>
 struct FusedKernels {
   FusedSizes (*sizes)(const LayerDims&, bool proj, bool save, int threads);
   void (*forward)(const LayerDims&, const int64_t*, const ForwardArgs<T>&, T*, int);
-  void (*backward)(const LayerDims&, const int64_t*, const BackwardArgs<T>&, T*, T*, T*, int);
+  void (*backward)(const LayerDims&, const int64_t*, const BackwardArgs<T>&, T*, T*, int);
   void (*hidden)(const T*, const T*, int64_t, int64_t, T*);
 };
 namespace avx2 {

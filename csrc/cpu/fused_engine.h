@@ -195,12 +195,12 @@ struct Panel {
 // number for every thread (or, for few rows, a share of the panels), K in
 // blocks of kKC. panel(p) gives panel p of np; pack(m0, m1, k0, kc, buf)
 // packs A's block. The first K block stores (adding the bias, if any), the
-// others add. While a panel's tiles run, the next panel's K block is
+// others add (all of them with add). While a panel's tiles run, the next panel's K block is
 // fetched into L2, a share per tile (panels lie apart: the hardware
 // prefetchers would not see it coming).
 template <class V, class PackA, class PanelFn, typename T = typename V::scalar>
 void gemm_blocks(int nt, int tid, int64_t M, int64_t K, const PackA& pack, int64_t np,
-                 const PanelFn& panel, T* ablk) {
+                 const PanelFn& panel, T* ablk, bool add = false) {
   constexpr int64_t NR = 2 * V::width;
   // Few rows: each thread takes a share of the panels for all rows (packing
   // A twice); else a share of the row blocks for all panels.
@@ -215,7 +215,7 @@ void gemm_blocks(int nt, int tid, int64_t M, int64_t K, const PackA& pack, int64
       pack(m0, m1, k0, kc, ablk);
       for (int64_t p = p0; p < p1; ++p) {
         const Panel<T> o = panel(p);
-        const Mode mode = k0 > 0 ? kAdd : o.bias ? kBias : kStore;
+        const Mode mode = k0 > 0 || add ? kAdd : o.bias ? kBias : kStore;
         const T* bp = o.b + k0 * o.ldb;
         const T* ap = ablk;
         const char* next = nullptr;
@@ -615,36 +615,47 @@ struct Backward {
   const LayerDims& d;
   const int64_t* off;
   const BackwardArgs<T>& a;
-  T *dgates, *dh_all, *dhp, *phh, *pwih, *pxh, *apack;
-  int64_t N, B, I, H, P, G, chunks, pchunks, ichunks;
+  T *dh_all, *dhp, *phh, *pwih, *dgs, *pxh, *apack;
+  int64_t N, B, I, H, P, G, chunks, pchunks, ichunks, span, rows;
   bool proj, packed;
 
   // Whether W_hh and W_ih are packed into panels: only when enough rows reuse
   // them (a short call reads them in place, once).
   static bool pack_w(const LayerDims& d) { return d.rows >= 2 * kMC; }
+  // The steps run in spans of up to 8 MB of gate gradients (a bounded
+  // workspace, in the last-level cache): after each, the span's
+  // [dW_ih | dW_hh] += dgates^T [x | h_{t-1}]. Its steps and rows at most.
+  static int64_t span_steps(const LayerDims& d) {
+    const int64_t bytes = d.batch * 4 * d.hidden * int64_t(sizeof(T));
+    return imax(1, imin(d.steps, (int64_t(8) << 20) / imax(1, bytes)));
+  }
+  static int64_t span_rows(const LayerDims& d) { return imin(d.rows, span_steps(d) * d.batch); }
 
   // Workspace: dh before the projection [B, H]; panels of W_hh's columns
-  // (for dh) and of W_ih's (for dx), if packed; of x's and h_{t-1}'s over
-  // all rows (for dW_ih, dW_hh); a block of A per thread.
+  // (for dh) and of W_ih's (for dx), if packed; a span's gate gradients and
+  // panels of its x and h_{t-1}; a block of A per thread.
   static int64_t size(const LayerDims& d, bool proj, int threads) {
     const int64_t G = 4 * d.hidden, pc = cdiv(d.proj, NR), ic = cdiv(d.input, NR);
     return (proj ? d.batch * d.hidden : 0) + (pack_w(d) ? (pc + ic) * G * NR : 0) +
-           (ic + pc) * d.rows * NR + threads * kMC * kKC;
+           span_rows(d) * (G + (ic + pc) * NR) + threads * kMC * kKC;
   }
-  Backward(const LayerDims& d_, const int64_t* off_, const BackwardArgs<T>& a_, T* dg, T* dha,
+  Backward(const LayerDims& d_, const int64_t* off_, const BackwardArgs<T>& a_, T* dha,
            T* work)
-      : d(d_), off(off_), a(a_), dgates(dg), dh_all(dha) {
+      : d(d_), off(off_), a(a_), dh_all(dha) {
     N = d.rows, B = d.batch, I = d.input, H = d.hidden, P = d.proj, G = 4 * H;
     chunks = cdiv(H, NR);
     pchunks = cdiv(P, NR);
     ichunks = cdiv(I, NR);
+    span = span_steps(d);
+    rows = span_rows(d);
     proj = a.w_hr != nullptr;
     packed = pack_w(d);
     dhp = work;
     phh = dhp + (proj ? B * H : 0);
     pwih = phh + (packed ? pchunks * G * NR : 0);
-    pxh = pwih + (packed ? ichunks * G * NR : 0);
-    apack = pxh + (ichunks + pchunks) * N * NR;
+    dgs = pwih + (packed ? ichunks * G * NR : 0);
+    pxh = dgs + rows * G;
+    apack = pxh + (ichunks + pchunks) * rows * NR;
   }
 
   // Panel c of W_hh's columns (K = 4H rows), packed or in place.
@@ -653,12 +664,13 @@ struct Backward {
     return packed ? phh + c * G * NR : a.w_hh + c * NR;
   }
 
-  // Columns [c*NR, +NR) of h_{t-1} for every row (y of the step before, or
-  // h0 where a row starts) as a panel [N, NR].
-  void pack_h_prev_panel(int64_t c, T* out) const {
+  // Columns [c*NR, +NR) of h_{t-1} for the rows of steps k0..k1 (in
+  // processing order; y of the step before, or h0 where a row starts) as a
+  // panel, the span's first row r_lo at out.
+  void pack_h_prev_panel(int64_t k0, int64_t k1, int64_t r_lo, int64_t c, T* out) const {
     const int64_t j0 = c * NR, count = imin(NR, P - j0);
-    for (int64_t k = 0; k < d.steps; ++k) {
-      const int64_t t = step_at(k), n = d.batch_sizes[t], r0 = off[t];
+    for (int64_t k = k0; k <= k1; ++k) {
+      const int64_t t = step_at(k), n = d.batch_sizes[t], r0 = off[t] - r_lo;
       const int64_t tp = k > 0 ? step_at(k - 1) : -1;
       const int64_t n_prev = tp >= 0 ? imin(n, d.batch_sizes[tp]) : 0;
       for (int64_t b = 0; b < n; ++b) {
@@ -670,41 +682,46 @@ struct Backward {
     }
   }
 
-  // After the recurrence: [dW_ih | dW_hh] = dgates^T [x | h_{t-1}], one big
-  // GEMM over all rows.
-  void weight_gradients(int nt, int tid) {
+  // The span's rows [r_lo, r_lo + n) of x and h_{t-1} as panels of NR columns
+  // (this thread's share).
+  void pack_span(int nt, int tid, int64_t k0, int64_t k1, int64_t r_lo, int64_t n) {
     const int64_t ic = ichunks;
     for (int64_t p = tid; p < ic + pchunks; p += nt) {
-      if (p < ic) pack_cols_panel<T, NR>(a.x, N, I, p, pxh + p * N * NR);
-      else pack_h_prev_panel(p - ic, pxh + p * N * NR);
+      if (p < ic) pack_cols_panel<T, NR>(a.x + r_lo * I, n, I, p, pxh + p * rows * NR);
+      else pack_h_prev_panel(k0, k1, r_lo, p - ic, pxh + p * rows * NR);
     }
-#pragma omp barrier
+  }
+
+  // [dW_ih | dW_hh] (+)= dgates^T [x | h_{t-1}] over the span's n rows.
+  void weight_gradients(int nt, int tid, int64_t n, bool add) {
+    const int64_t ic = ichunks;
     T* ablk = apack + tid * kMC * kKC;
     const auto cols = [&](int64_t m0, int64_t m1, int64_t k0, int64_t kc, T* buf) {
-      pack_at<V>(m0, m1, dgates, G, k0, kc, buf);
+      pack_at<V>(m0, m1, dgs, G, k0, kc, buf);
     };
     const auto dw = [&](int64_t p) {
-      const T* b = pxh + p * N * NR;
+      const T* b = pxh + p * rows * NR;
       if (p < ic) return Panel<T>{b, NR, a.dw_ih + p * NR, I, imin(NR, I - p * NR), nullptr};
       const int64_t c = p - ic;
       return Panel<T>{b, NR, a.dw_hh + c * NR, P, imin(NR, P - c * NR), nullptr};
     };
-    gemm_blocks<V>(nt, tid, G, N, cols, ic + pchunks, dw, ablk);
+    gemm_blocks<V>(nt, tid, G, n, cols, ic + pchunks, dw, ablk, add);
   }
 
   int64_t step_at(int64_t k) const { return d.reverse ? d.steps - 1 - k : k; }
 
-  // Cell backward on rows [b0, b1) for chunks [c0, c1), row by row (each
-  // row's units are contiguous: the hardware prefetchers follow); c_prev row
-  // b at cp + b*H.
+  // Cell backward on rows [b0, b1) (of the step at row r0) for chunks [c0,
+  // c1), row by row (each row's units are contiguous: the hardware
+  // prefetchers follow); c_prev row b at cp + b*H, the gate gradients of row
+  // b to dgates + b*G.
   void cell_rows(int64_t b0, int64_t b1, int64_t c0, int64_t c1, int64_t r0, const T* cp,
-                 const T* dhv, int64_t lddh) {
+                 const T* dhv, int64_t lddh, T* dgates) {
     using C = X2<V>;  // a chunk's units
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t u = c * NR, n = imin(NR, H - u);
         const T* g = a.gates + (r0 + b) * G + u;
-        T* dg = dgates + (r0 + b) * G + u;
+        T* dg = dgates + b * G + u;
         T* dc = a.dc0 + b * H + u;
         C di, df, dgg, dout, dcp;
         cell_backward(C::load(g, n), C::load(g + H, n), C::load(g + 2 * H, n),
@@ -751,53 +768,63 @@ struct Backward {
         for (int q = 0; q < 4; ++q)
           for (int64_t j = 0; j < nu; ++j) a.db[q * H + u0 + j] = T(0);
     }
-    for (int64_t k = d.steps - 1; k >= 0; --k) {
-      const int64_t t = step_at(k), n = d.batch_sizes[t], r0 = off[t];
-      const int64_t tp = k > 0 ? step_at(k - 1) : -1;
-      const int64_t n_prev = tp >= 0 ? imin(n, d.batch_sizes[tp]) : 0;
-      // dh of this step = the running dh + dy, for the columns this thread owns.
-      for (int64_t c = pmine.begin; c < pmine.end; ++c) {
-        const int64_t p0 = c * NR, np = imin(NR, P - p0);
-        for (int64_t b = 0; b < n; ++b) {
-          T* row = dh + b * P + p0;
-          if (a.dy != nullptr) {
-            const T* dy = a.dy + (r0 + b) * P + p0;
-            for (int64_t j = 0; j < np; ++j) row[j] += dy[j];
+    for (int64_t s0 = d.steps - 1, si = 0; s0 >= 0; s0 -= span, ++si) {
+      // The span's steps s0 down to s1, rows [r_lo, r_hi) in either direction.
+      const int64_t s1 = imax(0, s0 - span + 1);
+      const int64_t t_lo = imin(step_at(s0), step_at(s1)), t_hi = imax(step_at(s0), step_at(s1));
+      const int64_t r_lo = off[t_lo], r_hi = off[t_hi] + d.batch_sizes[t_hi];
+      pack_span(nt, tid, s1, s0, r_lo, r_hi - r_lo);
+      for (int64_t k = s0; k >= s1; --k) {
+        const int64_t t = step_at(k), n = d.batch_sizes[t], r0 = off[t];
+        const int64_t tp = k > 0 ? step_at(k - 1) : -1;
+        const int64_t n_prev = tp >= 0 ? imin(n, d.batch_sizes[tp]) : 0;
+        // dh of this step = the running dh + dy, for the columns this thread owns.
+        for (int64_t c = pmine.begin; c < pmine.end; ++c) {
+          const int64_t p0 = c * NR, np = imin(NR, P - p0);
+          for (int64_t b = 0; b < n; ++b) {
+            T* row = dh + b * P + p0;
+            if (a.dy != nullptr) {
+              const T* dy = a.dy + (r0 + b) * P + p0;
+              for (int64_t j = 0; j < np; ++j) row[j] += dy[j];
+            }
+            if (proj) std::memcpy(dh_all + (r0 + b) * P + p0, row, sizeof(T) * np);
           }
-          if (proj) std::memcpy(dh_all + (r0 + b) * P + p0, row, sizeof(T) * np);
+        }
+        const T* dhv = dh;
+        int64_t lddh = P;
+        if (proj) {
+#pragma omp barrier
+          // dh before the projection: dh W_hr, for this thread's units.
+          for (int64_t c = mine.begin; c < mine.end; ++c)
+            gemm_rows<V>(0, n, P, dh, P, a.w_hr + c * NR, H, dhp + c * NR, H,
+                         imin(NR, H - c * NR), kStore);
+          dhv = dhp;
+          lddh = H;
+        }
+        T* dg = dgs + (r0 - r_lo) * G;
+        if (n_prev > 0)
+          cell_rows(0, n_prev, mine.begin, mine.end, r0, a.cells + off[tp] * H, dhv, lddh, dg);
+        if (n_prev < n) cell_rows(n_prev, n, mine.begin, mine.end, r0, a.c0, dhv, lddh, dg);
+#pragma omp barrier
+        // [dh_{t-1} | dx_t] = dgates_t [W_hh | W_ih] for the active rows while
+        // the step's gate gradients are in cache, the dh columns first (the
+        // next step waits for them).
+        for (int64_t c = pmine.begin; c < pmine.end; ++c) {
+          int64_t ldb;
+          const T* w = w_hh_panel(c, &ldb);
+          gemm_rows<V>(0, n, G, dg, G, w, ldb, dh + c * NR, P, imin(NR, P - c * NR), kStore);
+        }
+        for (int64_t c = imine.begin; c < imine.end; ++c) {
+          const T* w = packed ? pwih + c * G * NR : a.w_ih + c * NR;
+          gemm_rows<V>(0, n, G, dg, G, w, packed ? NR : I, a.dx + r0 * I + c * NR, I,
+                       imin(NR, I - c * NR), kStore);
         }
       }
-      const T* dhv = dh;
-      int64_t lddh = P;
-      if (proj) {
+      // The span's gate gradients are complete (every thread has passed the
+      // barrier of its last step); the next span overwrites them.
+      weight_gradients(nt, tid, r_hi - r_lo, si > 0);
 #pragma omp barrier
-        // dh before the projection: dh W_hr, for this thread's units.
-        for (int64_t c = mine.begin; c < mine.end; ++c)
-          gemm_rows<V>(0, n, P, dh, P, a.w_hr + c * NR, H, dhp + c * NR, H,
-                       imin(NR, H - c * NR), kStore);
-        dhv = dhp;
-        lddh = H;
-      }
-      if (n_prev > 0) cell_rows(0, n_prev, mine.begin, mine.end, r0, a.cells + off[tp] * H, dhv, lddh);
-      if (n_prev < n) cell_rows(n_prev, n, mine.begin, mine.end, r0, a.c0, dhv, lddh);
-#pragma omp barrier
-      // [dh_{t-1} | dx_t] = dgates_t [W_hh | W_ih] for the active rows while
-      // the step's gate gradients are in cache, the dh columns first (the
-      // next step waits for them).
-      const T* dg = dgates + r0 * G;
-      for (int64_t c = pmine.begin; c < pmine.end; ++c) {
-        int64_t ldb;
-        const T* w = w_hh_panel(c, &ldb);
-        gemm_rows<V>(0, n, G, dg, G, w, ldb, dh + c * NR, P, imin(NR, P - c * NR), kStore);
-      }
-      for (int64_t c = imine.begin; c < imine.end; ++c) {
-        const T* w = packed ? pwih + c * G * NR : a.w_ih + c * NR;
-        gemm_rows<V>(0, n, G, dg, G, w, packed ? NR : I, a.dx + r0 * I + c * NR, I,
-                     imin(NR, I - c * NR), kStore);
-      }
     }
-#pragma omp barrier
-    weight_gradients(nt, tid);
   }
 };
 
@@ -844,10 +871,10 @@ void forward(const LayerDims& d, const int64_t* off, const ForwardArgs<T>& a, T*
 }
 
 template <typename T>
-void backward(const LayerDims& d, const int64_t* off, const BackwardArgs<T>& a, T* dgates,
-              T* dh_all, T* work, int threads) {
+void backward(const LayerDims& d, const int64_t* off, const BackwardArgs<T>& a, T* dh_all,
+              T* work, int threads) {
   using V = typename Vec<T>::type;
-  Backward<V> b(d, off, a, dgates, dh_all, work);
+  Backward<V> b(d, off, a, dh_all, work);
   in_team(threads, b);
 }
 
