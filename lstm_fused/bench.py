@@ -22,7 +22,9 @@ JSON schema (``schema`` = 1)::
       "environment": {
         "date": str (UTC, ISO 8601), "git_commit": str|null, "git_dirty": bool|null,
         "machine": str (slug used by --save-results), "device": "cpu"|"cuda",
-        "device_name": str, "cpu_model": str, "cpu_count": int, "threads": int,
+        "device_name": str, "cpu_model": str, "cpu_isa": str (our CPU kernels' instruction
+        set), "cpu_flags_isa": str|null (the processor's best), "onednn_max_cpu_isa":
+        str|null (ONEDNN_MAX_CPU_ISA), "cpu_count": int, "threads": int,
         "python": str, "platform": str, "torch": str, "cuda": str|null, "cudnn": int|null,
         "lstm_fused": str, "ours_kernel": bool (our kernels ran; false: nn.LSTM fallback),
         "has_lstmcell": bool, "tf32": bool
@@ -134,10 +136,12 @@ GRIDS = {
             Case(100, 32, 512, 512, 2, True), Case(200, 64, 300, 256, 1, True),
             Case(100, 64, 512, 512, lengths=(10, 100))]
     + _decode(1, graph=True) + _decode(64, graph=True),
-    # Issue 6's CPU grid. To finish in 2 minutes on 2 cores: the packed case at the size of
-    # the first (issue 5's (100, 64, 512, 512) packed: --case 100,64,512,512,packed=10-100);
-    # decode 25 steps (--decode-steps 200) and inference only.
-    "cpu": [Case(100, 32, 256, 256), Case(50, 64, 512, 512), Case(200, 8, 128, 128),
+    # Issue 6's CPU grid, with issue 20's H = 1024 and the text classifier's 2-layer
+    # bidirectional shape. To finish in about 3 minutes on 2 cores: the packed case at the
+    # size of the first (issue 5's (100, 64, 512, 512) packed: --case
+    # 100,64,512,512,packed=10-100); decode 25 steps (--decode-steps 200) and inference only.
+    "cpu": [Case(100, 32, 256, 256), Case(50, 64, 512, 512), Case(50, 32, 1024, 1024),
+            Case(100, 32, 256, 256, 2, True), Case(200, 8, 128, 128),
             Case(100, 1, 256, 256), Case(100, 32, 256, 256, lengths=(10, 100))]
     + _decode(1, steps=25, modes=("inference",)) + _decode(64, steps=25, modes=("inference",)),
     # Tiny shapes for tests: every kind of case in well under a second.
@@ -156,6 +160,29 @@ def _cpu_model():
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def _cpu_flags_isa():
+    """The best instruction set of the processor itself (whatever runs): avx512, avx2, other."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                if flags >= {"avx512f", "avx512dq", "avx512bw", "avx512vl", "avx2", "fma"}:
+                    return "avx512"
+                return "avx2" if flags >= {"avx2", "fma"} else "other"
+    except OSError:
+        pass
+    return None
+
+
+def _onednn_cap():
+    """oneDNN's instruction-set cap from the environment (it reads it once, at its first
+    use), e.g. "AVX2", or None."""
+    for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        if os.environ.get(k):
+            return os.environ[k]
+    return None
 
 
 def _git(*args):
@@ -178,13 +205,18 @@ def environment(device, tf32):
     status = _git("status", "--porcelain", "--untracked-files=no")
     threads = torch.get_num_threads()
     isa = lstm_fused.cpu_isa()  # the CPU kernels' instruction set: avx512, avx2, generic
+    proc_isa, cap = _cpu_flags_isa(), _onednn_cap()
+    # A processor run below its instruction set (our kernels forced lower, oneDNN capped)
+    # is another kind of machine: e.g. cpu-amd-epyc-avx512-avx2cap-2t.
+    kind = isa if proc_isa in (None, isa) and not cap else f"{proc_isa} {isa}cap"
     has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(
         "lstm_fused::layer_forward", {"cpu": "CPU", "cuda": "CUDA"}[device.type])
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": commit, "git_dirty": None if status is None else bool(status),
-        "machine": _slug(name) if cuda else _slug(f"cpu {name} {isa} {threads}t"),
+        "machine": _slug(name) if cuda else _slug(f"cpu {name} {kind} {threads}t"),
         "device": device.type, "device_name": name, "cpu_model": _cpu_model(), "cpu_isa": isa,
+        "cpu_flags_isa": proc_isa, "onednn_max_cpu_isa": cap,
         "cpu_count": os.cpu_count(), "threads": threads,
         "python": platform.python_version(), "platform": platform.platform(),
         "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -607,14 +639,20 @@ def summary(result):
     return "\n".join(lines)
 
 
+def _cap_note(env):
+    cap, proc = env.get("onednn_max_cpu_isa"), env.get("cpu_flags_isa")
+    note = f" on a processor with {proc}" if proc and proc != env.get("cpu_isa") else ""
+    return note + (f"; nn.LSTM's oneDNN capped at {cap} (ONEDNN_MAX_CPU_ISA)" if cap else "")
+
+
 def markdown(result):
     env = result["environment"]
     dev = env["device_name"] + ("" if env["device"] == "cpu" else
                                 f", CUDA {env['cuda']}, cuDNN {env['cudnn']}")
     cfg = result["config"]
     return (f"# lstm_fused benchmark: {env['machine']}\n\n"
-            f"{dev}; CPU {env['cpu_model']} ({env.get('cpu_isa', '?')} kernels), {env['threads']} "
-            f"thread(s); torch {env['torch']}; "
+            f"{dev}; CPU {env['cpu_model']} ({env.get('cpu_isa', '?')} kernels{_cap_note(env)}), "
+            f"{env['threads']} thread(s); torch {env['torch']}; "
             f"commit {(env['git_commit'] or 'unknown')[:10]}{' (dirty)' if env['git_dirty'] else ''}; "
             f"{env['date']}; TF32 {'on' if env['tf32'] else 'off'}.\n"
             f"Median ± half the interquartile range of {cfg['repeats']} interleaved runs after "

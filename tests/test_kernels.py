@@ -2,7 +2,7 @@
 rows and 16 units with AVX2 or 32 with AVX-512 (half for float64), row blocks
 of 96, K blocks of 128 and 256, batch 1 (W read in place), one-step calls
 (batch in vector lanes), short calls whose backward reads W in place and long
-ones that pack it, two threads, the inference path that keeps nothing for
+ones that pack it, backward in several spans of steps, two threads, the inference path that keeps nothing for
 backward; and, in subprocesses, the lower instruction sets this processor can
 also run: AVX2 where it has AVX-512, and the generic (BLAS) path that
 processors without AVX2 take."""
@@ -63,6 +63,19 @@ def test_packed_tiles_match_nn(dtype, two_threads):
     lengths = torch.randint(1, 10, (33,), generator=torch.Generator().manual_seed(3))
     lengths[5] = 9
     hx = _hx(ours, 33, dtype)
+    compare(run_packed(ref, x, lengths, hx), run_packed(ours, x, lengths, hx), dtype)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=str)
+def test_backward_spans_match_nn(dtype, two_threads):
+    """Backward in spans of 8 MB of gate gradients (weight gradients summed span by
+    span): several spans in both directions, with variable lengths."""
+    ref, ours = pair(32, 256, dtype, bidirectional=True)
+    x = torch.randn(40, 64, 32, dtype=dtype)
+    lengths = torch.randint(20, 41, (64,), generator=torch.Generator().manual_seed(5))
+    lengths[3] = 40
+    hx = _hx(ours, 64, dtype)
+    compare(run(ref, x, hx), run(ours, x, hx), dtype)
     compare(run_packed(ref, x, lengths, hx), run_packed(ours, x, lengths, hx), dtype)
 
 

@@ -97,8 +97,8 @@ void fused_forward(const LayerDims& d, const int64_t* off, const ForwardArgs<T>&
 
 template <typename T>
 void fused_backward(const LayerDims& d, const int64_t* off, const BackwardArgs<T>& a,
-                    T* dgates, T* dh_all, T* work, int threads) {
-  kernels<T>().backward(d, off, a, dgates, dh_all, work, threads);
+                    T* dh_all, T* work, int threads) {
+  kernels<T>().backward(d, off, a, dh_all, work, threads);
 }
 
 template <typename T>
@@ -124,9 +124,8 @@ template void fused_forward<float>(const LayerDims&, const int64_t*, const Forwa
 template void fused_forward<double>(const LayerDims&, const int64_t*,
                                     const ForwardArgs<double>&, double*, int);
 template void fused_backward<float>(const LayerDims&, const int64_t*,
-                                    const BackwardArgs<float>&, float*, float*, float*, int);
+                                    const BackwardArgs<float>&, float*, float*, int);
 template void fused_backward<double>(const LayerDims&, const int64_t*,
-                                     const BackwardArgs<double>&, double*, double*, double*,
-                                     int);
+                                     const BackwardArgs<double>&, double*, double*, int);
 
 }  // namespace lstm_fused::cpu

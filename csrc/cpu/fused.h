@@ -7,8 +7,9 @@
 // h_{t-1} W_hh^T with a register-tiled microkernel (6 rows by two vectors),
 // straight into the gate rows, and applies the cell (lstm_cell.h) to them
 // while they are in L1. Batch 1 reads W_hh in place (dot products) instead of
-// packing it. Backward mirrors it, then runs dx and the weight gradients as
-// GEMMs over all steps in the same parallel region.
+// packing it. Backward mirrors it (per step one GEMM gives dh_{t-1} and dx_t
+// while the step's gate gradients are in cache), then runs the weight
+// gradients as one GEMM over all steps in the same parallel region.
 //
 // The caller allocates every buffer (sizes below); nothing here allocates.
 #pragma once
@@ -49,13 +50,13 @@ template <typename T>
 void fused_forward(const LayerDims& d, const int64_t* step_offsets, const ForwardArgs<T>& a,
                    T* work, int threads);
 
-// Backward: the recurrence fills dgates [N, 4H] (the gate pre-activation
-// gradients of every step), a.dh0, a.dc0, a.db (if not null) and, with a
-// projection, dh_all [N, P] (dh of every step); then dx, dW_ih and dW_hh are
-// GEMMs over dgates. dW_hr is left to the caller.
+// Backward: the recurrence fills a.dh0, a.dc0, a.db (if not null), a.dx and,
+// with a projection, dh_all [N, P] (dh of every step); the gate gradients of
+// a span of steps at a time (in the workspace) go into dW_ih and dW_hh after
+// each span. dW_hr is left to the caller.
 template <typename T>
 void fused_backward(const LayerDims& d, const int64_t* step_offsets, const BackwardArgs<T>& a,
-                    T* dgates, T* dh_all, T* work, int threads);
+                    T* dh_all, T* work, int threads);
 
 // out[r, :H] = o * tanh(c) of rows [0, N) from the saved activations and cells
 // (h before the projection, for dW_hr).
@@ -70,7 +71,7 @@ template <typename T>
 struct FusedKernels {
   FusedSizes (*sizes)(const LayerDims&, bool proj, bool save, int threads);
   void (*forward)(const LayerDims&, const int64_t*, const ForwardArgs<T>&, T*, int);
-  void (*backward)(const LayerDims&, const int64_t*, const BackwardArgs<T>&, T*, T*, T*, int);
+  void (*backward)(const LayerDims&, const int64_t*, const BackwardArgs<T>&, T*, T*, int);
   void (*hidden)(const T*, const T*, int64_t, int64_t, T*);
 };
 namespace avx2 {

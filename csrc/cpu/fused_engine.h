@@ -143,6 +143,21 @@ void pack_a(int64_t b0, int64_t b1, const T* A, int64_t rs, int64_t cs, int64_t 
   }
 }
 
+// pack_a for A stored transposed (rs = 1): a tile's rows at each k are
+// contiguous, copied as masked vectors.
+template <class V, typename T = typename V::scalar>
+void pack_at(int64_t b0, int64_t b1, const T* A, int64_t cs, int64_t k0, int64_t kc, T* out) {
+  for (int64_t b = b0; b < b1;) {
+    const int mr = tile_rows(b1 - b);
+    const T* src = A + b + k0 * cs;
+    for (int64_t k = 0; k < kc; ++k)
+      for (int r = 0; r < mr; r += V::width)
+        V::load(src + k * cs + r, mr - r).store(out + k * mr + r, mr - r);
+    out += mr * kc;
+    b += mr;
+  }
+}
+
 // C[rows, nc] (+)= A[rows, K] B[K, nc] for rows in [b0, b1), tile by tile.
 template <class V, typename T = typename V::scalar>
 inline void gemm_rows(int64_t b0, int64_t b1, int64_t K, const T* A, int64_t lda, const T* B,
@@ -176,29 +191,44 @@ struct Panel {
   const T* bias;
 };
 
-// C = A B for M rows, one thread's share: row blocks of kMC round-robin over
-// the team (or, for few rows, panels), K in blocks of kKC. panel(p) gives
-// panel p of np; pack(m0, m1, k0, kc, buf) packs A's block. The first K
-// block stores (adding the bias, if any), the others add.
+// C = A B for M rows, one thread's share: row blocks of at most kMC, the same
+// number for every thread (or, for few rows, a share of the panels), K in
+// blocks of kKC. panel(p) gives panel p of np; pack(m0, m1, k0, kc, buf)
+// packs A's block. The first K block stores (adding the bias, if any), the
+// others add (all of them with add). While a panel's tiles run, the next panel's K block is
+// fetched into L2, a share per tile (panels lie apart: the hardware
+// prefetchers would not see it coming).
 template <class V, class PackA, class PanelFn, typename T = typename V::scalar>
 void gemm_blocks(int nt, int tid, int64_t M, int64_t K, const PackA& pack, int64_t np,
-                 const PanelFn& panel, T* ablk) {
+                 const PanelFn& panel, T* ablk, bool add = false) {
+  constexpr int64_t NR = 2 * V::width;
   // Few rows: each thread takes a share of the panels for all rows (packing
   // A twice); else a share of the row blocks for all panels.
   const int groups = M >= 4 * nt * kMC ? 1 : nt, g = tid % groups;
   const int64_t p0 = np * g / groups, p1 = np * (g + 1) / groups;
-  for (int64_t blk = tid / groups; blk * kMC < M; blk += nt / groups) {
-    const int64_t m0 = blk * kMC, m1 = imin(M, m0 + kMC);
+  const int64_t blocks = groups == 1 ? nt * cdiv(M, nt * kMC) : cdiv(M, kMC);
+  for (int64_t blk = tid / groups; blk < blocks; blk += nt / groups) {
+    const int64_t m0 = M * blk / blocks, m1 = M * (blk + 1) / blocks;
+    const int64_t tiles = cdiv(m1 - m0, 6);
     for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += k_block<V>) {
       const int64_t kc = imin(k_block<V>, K - k0);
       pack(m0, m1, k0, kc, ablk);
       for (int64_t p = p0; p < p1; ++p) {
         const Panel<T> o = panel(p);
-        const Mode mode = k0 > 0 ? kAdd : o.bias ? kBias : kStore;
+        const Mode mode = k0 > 0 || add ? kAdd : o.bias ? kBias : kStore;
         const T* bp = o.b + k0 * o.ldb;
         const T* ap = ablk;
+        const char* next = nullptr;
+        int64_t lines = 0, done = 0, it = 0;
+        if (p + 1 < p1) {
+          const Panel<T> nx = panel(p + 1);
+          next = reinterpret_cast<const char*>(nx.b + k0 * nx.ldb);
+          lines = nx.ldb == NR ? kc * NR * int64_t(sizeof(T)) / 64 : 0;  // packed only
+        }
         for (int64_t b = m0; b < m1;) {
           const int mr = tile_rows(m1 - b);
+          for (const int64_t upto = lines * ++it / tiles; done < upto; ++done)
+            __builtin_prefetch(next + done * 64, 0, 2);
           tile_mr<V>(mr, kc, ap, 0, bp, o.ldb, o.c + b * o.ldc, o.ldc, o.ncols, mode, o.bias);
           ap += mr * kc;
           b += mr;
@@ -292,7 +322,7 @@ LF_INLINE void cell_forward_rows(int64_t b0, int64_t b1, int64_t u0, int64_t nc,
 struct ForwardLayout {
   bool pack_ih, pack_hh;
   int64_t chunk;  // steps per chunk of the input projection
-  int64_t pih, phh, phr, hpre, apack, ring, size;
+  int64_t pih, phh, phr, hpre, apack, ring, hpack, size;
 };
 template <int NR, typename T>
 ForwardLayout forward_layout(const LayerDims& d, bool proj, bool save, int threads) {
@@ -310,7 +340,9 @@ ForwardLayout forward_layout(const LayerDims& d, bool proj, bool save, int threa
   l.apack = l.hpre + (proj ? d.batch * d.hidden : 0);
   l.ring = l.apack + (l.pack_ih ? threads * kMC * kKC : 0);
   // Without save the chunk's gates live here, not in a.gates.
-  l.size = l.ring + (save ? 0 : l.chunk * d.batch * G);
+  l.hpack = l.ring + (save ? 0 : l.chunk * d.batch * G);
+  // h_{t-1} packed as the step's A operand, one copy per thread.
+  l.size = l.hpack + (l.pack_hh ? threads * d.batch * d.proj : 0);
   return l;
 }
 
@@ -323,7 +355,7 @@ struct Forward {
   int64_t N, B, I, H, P, G, chunks, pchunks;
   bool pack_ih, pack_hh, proj, save;
   int64_t chunk;
-  T *bias, *pih, *phh, *phr, *hpre, *apack, *ring;
+  T *bias, *pih, *phh, *phr, *hpre, *apack, *ring, *hpack;
 
   Forward(const LayerDims& d_, const int64_t* off_, const ForwardArgs<T>& a_, T* work,
           int threads)
@@ -344,6 +376,7 @@ struct Forward {
     hpre = work + l.hpre;
     apack = work + l.apack;
     ring = work + l.ring;
+    hpack = work + l.hpack;
   }
 
   int64_t step_at(int64_t k) const { return d.reverse ? d.steps - 1 - k : k; }
@@ -386,9 +419,10 @@ struct Forward {
   }
 
   // gates rows [b0, b1) of this step += h_prev W_hh^T for chunk c, then the
-  // cell on them. h_prev row b is at hp + b*P.
-  void step_rows(int64_t b0, int64_t b1, int64_t c, const T* hp, T* g, T* cells, T* h_out,
-                 int64_t ldh) {
+  // cell on them. h_prev row b is at hp + b*P (batch 1), or packed for the
+  // tiles of [b0, b1) at hpk.
+  void step_rows(int64_t b0, int64_t b1, int64_t c, const T* hp, const T* hpk, T* g, T* cells,
+                 T* h_out, int64_t ldh) {
     const int64_t u0 = c * NR, nc = imin(NR, H - u0);
     if (!pack_hh) {  // batch 1: W_hh in place
       for (int64_t b = b0; b < b1; ++b)
@@ -403,8 +437,8 @@ struct Forward {
     for (int64_t b = b0; b < b1;) {
       const int mr = tile_rows(b1 - b);
       for (int q = 0; q < 4; ++q)
-        tile_mr<V>(mr, P, hp + b * P, P, panels + q * P * NR, NR, g + b * G + q * H + u0, G,
-                   nc, kAdd);
+        tile_mr<V>(mr, P, hpk + (b - b0) * P, 0, panels + q * P * NR, NR, g + b * G + q * H + u0,
+                   G, nc, kAdd);
       cell_forward_rows<V>(b, b + mr, u0, nc, H, g, a.c_n, cells, h_out, ldh);
       b += mr;
     }
@@ -433,9 +467,16 @@ struct Forward {
         T* cells = save ? a.cells + r0 * H : nullptr;
         T* h_out = proj ? hpre : a.y + r0 * P;
         const int64_t ldh = proj ? H : P;
+        // Each thread packs h_{t-1} for its tiles (the step's A operand, read
+        // once per gate and chunk).
+        T* hpk = hpack + tid * B * P;
+        if (pack_hh) {
+          if (n_prev > 0) pack_a(0, n_prev, y_prev, P, 1, 0, P, hpk);
+          if (n_prev < n) pack_a(n_prev, n, a.h0, P, 1, 0, P, hpk + n_prev * P);
+        }
         for (int64_t c = mine.begin; c < mine.end; ++c) {
-          if (n_prev > 0) step_rows(0, n_prev, c, y_prev, g, cells, h_out, ldh);
-          if (n_prev < n) step_rows(n_prev, n, c, a.h0, g, cells, h_out, ldh);
+          if (n_prev > 0) step_rows(0, n_prev, c, y_prev, hpk, g, cells, h_out, ldh);
+          if (n_prev < n) step_rows(n_prev, n, c, a.h0, hpk + n_prev * P, g, cells, h_out, ldh);
         }
         if (proj) {
 #pragma omp barrier
@@ -574,36 +615,47 @@ struct Backward {
   const LayerDims& d;
   const int64_t* off;
   const BackwardArgs<T>& a;
-  T *dgates, *dh_all, *dhp, *phh, *pwih, *pxh, *apack;
-  int64_t N, B, I, H, P, G, chunks, pchunks, ichunks;
+  T *dh_all, *dhp, *phh, *pwih, *dgs, *pxh, *apack;
+  int64_t N, B, I, H, P, G, chunks, pchunks, ichunks, span, rows;
   bool proj, packed;
 
   // Whether W_hh and W_ih are packed into panels: only when enough rows reuse
   // them (a short call reads them in place, once).
   static bool pack_w(const LayerDims& d) { return d.rows >= 2 * kMC; }
+  // The steps run in spans of up to 8 MB of gate gradients (a bounded
+  // workspace, in the last-level cache): after each, the span's
+  // [dW_ih | dW_hh] += dgates^T [x | h_{t-1}]. Its steps and rows at most.
+  static int64_t span_steps(const LayerDims& d) {
+    const int64_t bytes = d.batch * 4 * d.hidden * int64_t(sizeof(T));
+    return imax(1, imin(d.steps, (int64_t(8) << 20) / imax(1, bytes)));
+  }
+  static int64_t span_rows(const LayerDims& d) { return imin(d.rows, span_steps(d) * d.batch); }
 
   // Workspace: dh before the projection [B, H]; panels of W_hh's columns
-  // (for dh) and of W_ih's (for dx), if packed; of x's and h_{t-1}'s over
-  // all rows (for dW_ih, dW_hh); a block of A per thread.
+  // (for dh) and of W_ih's (for dx), if packed; a span's gate gradients and
+  // panels of its x and h_{t-1}; a block of A per thread.
   static int64_t size(const LayerDims& d, bool proj, int threads) {
     const int64_t G = 4 * d.hidden, pc = cdiv(d.proj, NR), ic = cdiv(d.input, NR);
     return (proj ? d.batch * d.hidden : 0) + (pack_w(d) ? (pc + ic) * G * NR : 0) +
-           (ic + pc) * d.rows * NR + threads * kMC * kKC;
+           span_rows(d) * (G + (ic + pc) * NR) + threads * kMC * kKC;
   }
-  Backward(const LayerDims& d_, const int64_t* off_, const BackwardArgs<T>& a_, T* dg, T* dha,
+  Backward(const LayerDims& d_, const int64_t* off_, const BackwardArgs<T>& a_, T* dha,
            T* work)
-      : d(d_), off(off_), a(a_), dgates(dg), dh_all(dha) {
+      : d(d_), off(off_), a(a_), dh_all(dha) {
     N = d.rows, B = d.batch, I = d.input, H = d.hidden, P = d.proj, G = 4 * H;
     chunks = cdiv(H, NR);
     pchunks = cdiv(P, NR);
     ichunks = cdiv(I, NR);
+    span = span_steps(d);
+    rows = span_rows(d);
     proj = a.w_hr != nullptr;
     packed = pack_w(d);
     dhp = work;
     phh = dhp + (proj ? B * H : 0);
     pwih = phh + (packed ? pchunks * G * NR : 0);
-    pxh = pwih + (packed ? ichunks * G * NR : 0);
-    apack = pxh + (ichunks + pchunks) * N * NR;
+    dgs = pwih + (packed ? ichunks * G * NR : 0);
+    pxh = dgs + rows * G;
+    apack = pxh + (ichunks + pchunks) * rows * NR;
   }
 
   // Panel c of W_hh's columns (K = 4H rows), packed or in place.
@@ -612,12 +664,13 @@ struct Backward {
     return packed ? phh + c * G * NR : a.w_hh + c * NR;
   }
 
-  // Columns [c*NR, +NR) of h_{t-1} for every row (y of the step before, or
-  // h0 where a row starts) as a panel [N, NR].
-  void pack_h_prev_panel(int64_t c, T* out) const {
+  // Columns [c*NR, +NR) of h_{t-1} for the rows of steps k0..k1 (in
+  // processing order; y of the step before, or h0 where a row starts) as a
+  // panel, the span's first row r_lo at out.
+  void pack_h_prev_panel(int64_t k0, int64_t k1, int64_t r_lo, int64_t c, T* out) const {
     const int64_t j0 = c * NR, count = imin(NR, P - j0);
-    for (int64_t k = 0; k < d.steps; ++k) {
-      const int64_t t = step_at(k), n = d.batch_sizes[t], r0 = off[t];
+    for (int64_t k = k0; k <= k1; ++k) {
+      const int64_t t = step_at(k), n = d.batch_sizes[t], r0 = off[t] - r_lo;
       const int64_t tp = k > 0 ? step_at(k - 1) : -1;
       const int64_t n_prev = tp >= 0 ? imin(n, d.batch_sizes[tp]) : 0;
       for (int64_t b = 0; b < n; ++b) {
@@ -629,77 +682,77 @@ struct Backward {
     }
   }
 
-  // After the recurrence: dx = dgates W_ih and [dW_ih | dW_hh] = dgates^T
-  // [x | h_{t-1}], big GEMMs over all rows.
-  void weight_gradients(int nt, int tid) {
+  // The span's rows [r_lo, r_lo + n) of x and h_{t-1} as panels of NR columns
+  // (this thread's share).
+  void pack_span(int nt, int tid, int64_t k0, int64_t k1, int64_t r_lo, int64_t n) {
     const int64_t ic = ichunks;
-    for (int64_t p = tid; p < 2 * ic + pchunks; p += nt) {
-      if (p < ic) {
-        if (packed) pack_cols_panel<T, NR>(a.w_ih, G, I, p, pwih + p * G * NR);
-      } else if (p < 2 * ic) {
-        pack_cols_panel<T, NR>(a.x, N, I, p - ic, pxh + (p - ic) * N * NR);
-      } else {
-        pack_h_prev_panel(p - 2 * ic, pxh + (p - ic) * N * NR);
-      }
+    for (int64_t p = tid; p < ic + pchunks; p += nt) {
+      if (p < ic) pack_cols_panel<T, NR>(a.x + r_lo * I, n, I, p, pxh + p * rows * NR);
+      else pack_h_prev_panel(k0, k1, r_lo, p - ic, pxh + p * rows * NR);
     }
-#pragma omp barrier
+  }
+
+  // [dW_ih | dW_hh] (+)= dgates^T [x | h_{t-1}] over the span's n rows.
+  void weight_gradients(int nt, int tid, int64_t n, bool add) {
+    const int64_t ic = ichunks;
     T* ablk = apack + tid * kMC * kKC;
-    const auto rows = [&](int64_t m0, int64_t m1, int64_t k0, int64_t kc, T* buf) {
-      pack_a(m0, m1, dgates, G, 1, k0, kc, buf);
-    };
-    const auto dx = [&](int64_t p) {
-      const T* b = packed ? pwih + p * G * NR : a.w_ih + p * NR;
-      return Panel<T>{b, packed ? NR : I, a.dx + p * NR, I, imin(NR, I - p * NR), nullptr};
-    };
-    gemm_blocks<V>(nt, tid, N, G, rows, ic, dx, ablk);
     const auto cols = [&](int64_t m0, int64_t m1, int64_t k0, int64_t kc, T* buf) {
-      pack_a(m0, m1, dgates, 1, G, k0, kc, buf);
+      pack_at<V>(m0, m1, dgs, G, k0, kc, buf);
     };
     const auto dw = [&](int64_t p) {
-      const T* b = pxh + p * N * NR;
+      const T* b = pxh + p * rows * NR;
       if (p < ic) return Panel<T>{b, NR, a.dw_ih + p * NR, I, imin(NR, I - p * NR), nullptr};
       const int64_t c = p - ic;
       return Panel<T>{b, NR, a.dw_hh + c * NR, P, imin(NR, P - c * NR), nullptr};
     };
-    gemm_blocks<V>(nt, tid, G, N, cols, ic + pchunks, dw, ablk);
+    gemm_blocks<V>(nt, tid, G, n, cols, ic + pchunks, dw, ablk, add);
   }
+
   int64_t step_at(int64_t k) const { return d.reverse ? d.steps - 1 - k : k; }
 
-  // Cell backward on rows [b0, b1) for chunk c; c_prev row b at cp + b*H.
-  void cell_rows(int64_t b0, int64_t b1, int64_t c, int64_t r0, const T* cp, const T* dhv,
-                 int64_t lddh) {
-    using C = X2<V>;  // the chunk's units
-    const int64_t u = c * NR, n = imin(NR, H - u);
-    for (int64_t b = b0; b < b1; ++b) {
-      const T* g = a.gates + (r0 + b) * G + u;
-      T* dg = dgates + (r0 + b) * G + u;
-      T* dc = a.dc0 + b * H + u;
-      C di, df, dgg, dout, dcp;
-      cell_backward(C::load(g, n), C::load(g + H, n), C::load(g + 2 * H, n),
-                    C::load(g + 3 * H, n), C::load(a.cells + (r0 + b) * H + u, n),
-                    C::load(cp + b * H + u, n), C::load(dhv + b * lddh + u, n), C::load(dc, n),
-                    di, df, dgg, dout, dcp);
-      di.store(dg, n);
-      df.store(dg + H, n);
-      dgg.store(dg + 2 * H, n);
-      dout.store(dg + 3 * H, n);
-      dcp.store(dc, n);
-      if (a.db != nullptr) {
-        T* db = a.db + u;
-        (C::load(db, n) + di).store(db, n);
-        (C::load(db + H, n) + df).store(db + H, n);
-        (C::load(db + 2 * H, n) + dgg).store(db + 2 * H, n);
-        (C::load(db + 3 * H, n) + dout).store(db + 3 * H, n);
+  // Cell backward on rows [b0, b1) (of the step at row r0) for chunks [c0,
+  // c1), row by row (each row's units are contiguous: the hardware
+  // prefetchers follow); c_prev row b at cp + b*H, the gate gradients of row
+  // b to dgates + b*G.
+  void cell_rows(int64_t b0, int64_t b1, int64_t c0, int64_t c1, int64_t r0, const T* cp,
+                 const T* dhv, int64_t lddh, T* dgates) {
+    using C = X2<V>;  // a chunk's units
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t u = c * NR, n = imin(NR, H - u);
+        const T* g = a.gates + (r0 + b) * G + u;
+        T* dg = dgates + b * G + u;
+        T* dc = a.dc0 + b * H + u;
+        C di, df, dgg, dout, dcp;
+        cell_backward(C::load(g, n), C::load(g + H, n), C::load(g + 2 * H, n),
+                      C::load(g + 3 * H, n), C::load(a.cells + (r0 + b) * H + u, n),
+                      C::load(cp + b * H + u, n), C::load(dhv + b * lddh + u, n), C::load(dc, n),
+                      di, df, dgg, dout, dcp);
+        di.store(dg, n);
+        df.store(dg + H, n);
+        dgg.store(dg + 2 * H, n);
+        dout.store(dg + 3 * H, n);
+        dcp.store(dc, n);
+        if (a.db != nullptr) {
+          T* db = a.db + u;
+          (C::load(db, n) + di).store(db, n);
+          (C::load(db + H, n) + df).store(db + H, n);
+          (C::load(db + 2 * H, n) + dgg).store(db + 2 * H, n);
+          (C::load(db + 3 * H, n) + dout).store(db + 3 * H, n);
+        }
       }
-    }
   }
 
   void run(int nt, int tid) {
     const Range mine = split(chunks, nt, tid), pmine = split(pchunks, nt, tid);
-    // Each thread packs the panels of the dh columns it computes.
-    if (packed)
+    const Range imine = split(ichunks, nt, tid);
+    // Each thread packs the panels of the dh and dx columns it computes.
+    if (packed) {
       for (int64_t c = pmine.begin; c < pmine.end; ++c)
         pack_cols_panel<T, NR>(a.w_hh, G, P, c, phh + c * G * NR);
+      for (int64_t c = imine.begin; c < imine.end; ++c)
+        pack_cols_panel<T, NR>(a.w_ih, G, I, c, pwih + c * G * NR);
+    }
     // Running gradients: dh0 holds dh, dc0 holds dc; each thread its columns.
     T* dh = a.dh0;
     for (int64_t c = pmine.begin; c < pmine.end; ++c) {
@@ -715,48 +768,63 @@ struct Backward {
         for (int q = 0; q < 4; ++q)
           for (int64_t j = 0; j < nu; ++j) a.db[q * H + u0 + j] = T(0);
     }
-    for (int64_t k = d.steps - 1; k >= 0; --k) {
-      const int64_t t = step_at(k), n = d.batch_sizes[t], r0 = off[t];
-      const int64_t tp = k > 0 ? step_at(k - 1) : -1;
-      const int64_t n_prev = tp >= 0 ? imin(n, d.batch_sizes[tp]) : 0;
-      // dh of this step = the running dh + dy, for the columns this thread owns.
-      for (int64_t c = pmine.begin; c < pmine.end; ++c) {
-        const int64_t p0 = c * NR, np = imin(NR, P - p0);
-        for (int64_t b = 0; b < n; ++b) {
-          T* row = dh + b * P + p0;
-          if (a.dy != nullptr) {
-            const T* dy = a.dy + (r0 + b) * P + p0;
-            for (int64_t j = 0; j < np; ++j) row[j] += dy[j];
+    for (int64_t s0 = d.steps - 1, si = 0; s0 >= 0; s0 -= span, ++si) {
+      // The span's steps s0 down to s1, rows [r_lo, r_hi) in either direction.
+      const int64_t s1 = imax(0, s0 - span + 1);
+      const int64_t t_lo = imin(step_at(s0), step_at(s1)), t_hi = imax(step_at(s0), step_at(s1));
+      const int64_t r_lo = off[t_lo], r_hi = off[t_hi] + d.batch_sizes[t_hi];
+      pack_span(nt, tid, s1, s0, r_lo, r_hi - r_lo);
+      for (int64_t k = s0; k >= s1; --k) {
+        const int64_t t = step_at(k), n = d.batch_sizes[t], r0 = off[t];
+        const int64_t tp = k > 0 ? step_at(k - 1) : -1;
+        const int64_t n_prev = tp >= 0 ? imin(n, d.batch_sizes[tp]) : 0;
+        // dh of this step = the running dh + dy, for the columns this thread owns.
+        for (int64_t c = pmine.begin; c < pmine.end; ++c) {
+          const int64_t p0 = c * NR, np = imin(NR, P - p0);
+          for (int64_t b = 0; b < n; ++b) {
+            T* row = dh + b * P + p0;
+            if (a.dy != nullptr) {
+              const T* dy = a.dy + (r0 + b) * P + p0;
+              for (int64_t j = 0; j < np; ++j) row[j] += dy[j];
+            }
+            if (proj) std::memcpy(dh_all + (r0 + b) * P + p0, row, sizeof(T) * np);
           }
-          if (proj) std::memcpy(dh_all + (r0 + b) * P + p0, row, sizeof(T) * np);
+        }
+        const T* dhv = dh;
+        int64_t lddh = P;
+        if (proj) {
+#pragma omp barrier
+          // dh before the projection: dh W_hr, for this thread's units.
+          for (int64_t c = mine.begin; c < mine.end; ++c)
+            gemm_rows<V>(0, n, P, dh, P, a.w_hr + c * NR, H, dhp + c * NR, H,
+                         imin(NR, H - c * NR), kStore);
+          dhv = dhp;
+          lddh = H;
+        }
+        T* dg = dgs + (r0 - r_lo) * G;
+        if (n_prev > 0)
+          cell_rows(0, n_prev, mine.begin, mine.end, r0, a.cells + off[tp] * H, dhv, lddh, dg);
+        if (n_prev < n) cell_rows(n_prev, n, mine.begin, mine.end, r0, a.c0, dhv, lddh, dg);
+#pragma omp barrier
+        // [dh_{t-1} | dx_t] = dgates_t [W_hh | W_ih] for the active rows while
+        // the step's gate gradients are in cache, the dh columns first (the
+        // next step waits for them).
+        for (int64_t c = pmine.begin; c < pmine.end; ++c) {
+          int64_t ldb;
+          const T* w = w_hh_panel(c, &ldb);
+          gemm_rows<V>(0, n, G, dg, G, w, ldb, dh + c * NR, P, imin(NR, P - c * NR), kStore);
+        }
+        for (int64_t c = imine.begin; c < imine.end; ++c) {
+          const T* w = packed ? pwih + c * G * NR : a.w_ih + c * NR;
+          gemm_rows<V>(0, n, G, dg, G, w, packed ? NR : I, a.dx + r0 * I + c * NR, I,
+                       imin(NR, I - c * NR), kStore);
         }
       }
-      const T* dhv = dh;
-      int64_t lddh = P;
-      if (proj) {
+      // The span's gate gradients are complete (every thread has passed the
+      // barrier of its last step); the next span overwrites them.
+      weight_gradients(nt, tid, r_hi - r_lo, si > 0);
 #pragma omp barrier
-        // dh before the projection: dh W_hr, for this thread's units.
-        for (int64_t c = mine.begin; c < mine.end; ++c)
-          gemm_rows<V>(0, n, P, dh, P, a.w_hr + c * NR, H, dhp + c * NR, H,
-                       imin(NR, H - c * NR), kStore);
-        dhv = dhp;
-        lddh = H;
-      }
-      for (int64_t c = mine.begin; c < mine.end; ++c) {
-        if (n_prev > 0) cell_rows(0, n_prev, c, r0, a.cells + off[tp] * H, dhv, lddh);
-        if (n_prev < n) cell_rows(n_prev, n, c, r0, a.c0, dhv, lddh);
-      }
-#pragma omp barrier
-      // dh_{t-1} = dgates_t W_hh for the active rows.
-      for (int64_t c = pmine.begin; c < pmine.end; ++c) {
-        int64_t ldb;
-        const T* w = w_hh_panel(c, &ldb);
-        gemm_rows<V>(0, n, G, dgates + r0 * G, G, w, ldb, dh + c * NR, P, imin(NR, P - c * NR),
-                     kStore);
-      }
     }
-#pragma omp barrier
-    weight_gradients(nt, tid);
   }
 };
 
@@ -803,10 +871,10 @@ void forward(const LayerDims& d, const int64_t* off, const ForwardArgs<T>& a, T*
 }
 
 template <typename T>
-void backward(const LayerDims& d, const int64_t* off, const BackwardArgs<T>& a, T* dgates,
-              T* dh_all, T* work, int threads) {
+void backward(const LayerDims& d, const int64_t* off, const BackwardArgs<T>& a, T* dh_all,
+              T* work, int threads) {
   using V = typename Vec<T>::type;
-  Backward<V> b(d, off, a, dgates, dh_all, work);
+  Backward<V> b(d, off, a, dh_all, work);
   in_team(threads, b);
 }
 

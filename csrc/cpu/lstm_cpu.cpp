@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -44,6 +45,30 @@ inline int64_t step_at(const LayerDims& d, int64_t k) {
 template <typename T>
 std::unique_ptr<T[]> workspace(int64_t n) {
   return std::unique_ptr<T[]>(new T[std::max<int64_t>(n, 1)]);
+}
+
+// The fused kernels' workspace of this thread, at least n values, kept for
+// its next call (layer calls do not nest): memory the process has just been
+// given costs a page fault per 4 KB on first touch (about 3 us under a
+// hypervisor, as much as the work on it at some sizes), and glibc maps
+// blocks above 32 MB afresh each time. It holds the layer's packed weights
+// and a few MB; it grows to the largest layer this thread runs.
+template <typename T>
+T* scratch(int64_t n) {
+  struct Block {
+    void* p = nullptr;
+    size_t bytes = 0;
+    ~Block() { std::free(p); }
+  };
+  static thread_local Block block;
+  const size_t want = (size_t(std::max<int64_t>(n, 1)) * sizeof(T) + 63) / 64 * 64;
+  if (want > block.bytes) {
+    std::free(block.p);
+    block.p = std::aligned_alloc(64, want);
+    block.bytes = block.p ? want : 0;
+    if (!block.p) throw std::bad_alloc();
+  }
+  return static_cast<T*>(block.p);
 }
 
 template <typename T>
@@ -238,9 +263,8 @@ void layer_forward(const LayerDims& d, const ForwardArgs<T>& a) {
   copy_rows(a.c_n, a.c0, d.batch * d.hidden);  // the running cell state
   if (fused_available<T>()) {
     const int threads = fused_threads(d, at::get_num_threads());
-    const auto work =
-        workspace<T>(fused_sizes<T>(d, a.w_hr != nullptr, a.cells != nullptr, threads).forward);
-    fused_forward(d, off.data(), a, work.get(), threads);
+    T* work = scratch<T>(fused_sizes<T>(d, a.w_hr != nullptr, a.cells != nullptr, threads).forward);
+    fused_forward(d, off.data(), a, work, threads);
   } else {
     generic_forward(d, off, a);
   }
@@ -250,20 +274,18 @@ void layer_forward(const LayerDims& d, const ForwardArgs<T>& a) {
 template <typename T>
 void layer_backward(const LayerDims& d, const BackwardArgs<T>& a) {
   const std::vector<int64_t> off = step_offsets(d);
-  // The gate gradients and dh of every step (for dW_hr); the recurrence
-  // writes every row of both.
-  const auto dgates = workspace<T>(d.rows * 4 * d.hidden);
+  // dh of every step (for dW_hr); the recurrence writes every row.
   const auto dh_all = workspace<T>(a.w_hr ? d.rows * d.proj : 0);
-  const bool fused = fused_available<T>();
-  if (fused) {
+  if (fused_available<T>()) {
     const int threads = fused_threads(d, at::get_num_threads());
-    const auto work =
-        workspace<T>(fused_sizes<T>(d, a.w_hr != nullptr, true, threads).backward);
-    fused_backward(d, off.data(), a, dgates.get(), dh_all.get(), work.get(), threads);
+    T* work = scratch<T>(fused_sizes<T>(d, a.w_hr != nullptr, true, threads).backward);
+    fused_backward(d, off.data(), a, dh_all.get(), work, threads);
   } else {
+    // The gate gradients of every step.
+    const auto dgates = workspace<T>(d.rows * 4 * d.hidden);
     generic_backward(d, off, a, dgates.get(), dh_all.get());
+    generic_gradients(d, off, a, dgates.get());
   }
-  if (!fused) generic_gradients(d, off, a, dgates.get());
   if (a.w_hr) projection_gradient(d, a, dh_all.get());
 }
 
