@@ -24,7 +24,7 @@ VENV=${LSTM_FUSED_CUDA_VENV:-$ROOT/.venv-cu}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PY=$VENV/bin/python
 # torch 2.14.1 on PyPI is the CUDA 13.0 build (5.4 GB; from the local cache here).
-"$PY" -m pip install -q torch==2.14.1 numpy ninja pytest hypothesis setuptools wheel
+"$PY" -m pip install -q torch==2.14.1 numpy ninja pytest hypothesis matplotlib setuptools wheel
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/lstm_fused_cuda.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT

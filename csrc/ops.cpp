@@ -160,4 +160,107 @@ BackwardCall backward_call(const LayerSizes& s, const std::optional<at::Tensor>&
   return c;
 }
 
+namespace {
+
+// h0 or c0 of a pair, or a gradient of its h_n, c_n: [2, batch, size].
+void check_pair(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == 2, "lstm_fused: ", name,
+              " of a bidirectional layer must be [2, batch, size], got ", t.sizes());
+}
+
+std::optional<at::Tensor> direction(const std::optional<at::Tensor>& t, int d) {
+  if (!t.has_value() || !t->defined()) return std::nullopt;
+  return t->select(0, d);
+}
+
+}  // namespace
+
+BiForwardCall bi_forward_call(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                              const std::array<LayerWeights, 2>& w,
+                              const std::optional<at::Tensor>& batch_sizes, bool save) {
+  check_pair(h0, "h0");
+  check_pair(c0, "c0");
+  BiForwardCall c;
+  for (int d = 0; d < 2; ++d)
+    c.sizes[d] = check_layer_args(x, h0[d], c0[d], w[d].w_ih, w[d].w_hh, w[d].b_ih,
+                                  w[d].b_hh, w[d].w_hr, batch_sizes);
+  const LayerSizes& s = c.sizes[0];
+  TORCH_CHECK(c.sizes[1].hidden == s.hidden && c.sizes[1].proj == s.proj,
+              "lstm_fused: the directions of a bidirectional layer must have the same sizes");
+  c.h_n = x.new_empty({2, s.batch, s.proj});
+  c.c_n = x.new_empty({2, s.batch, s.hidden});
+  c.gates = x.new_empty({2, save ? s.rows : 0, 4 * s.hidden});
+  c.cells = x.new_empty({2, save ? s.rows : 0, s.hidden});
+  for (int d = 0; d < 2; ++d) {
+    ForwardCall& f = c.dir[d];
+    f.save = save;
+    f.x = x.contiguous();
+    f.h0 = h0[d].contiguous();
+    f.c0 = c0[d].contiguous();
+    f.w_ih = w[d].w_ih.contiguous();
+    f.w_hh = w[d].w_hh.contiguous();
+    f.b_ih = contiguous_or_undefined(w[d].b_ih);
+    f.b_hh = contiguous_or_undefined(w[d].b_hh);
+    f.w_hr = contiguous_or_undefined(w[d].w_hr);
+    f.y = x.new_empty({s.rows, s.proj});
+    f.h_n = c.h_n[d];
+    f.c_n = c.c_n[d];
+    if (save) {
+      f.gates = c.gates[d];
+      f.cells = c.cells[d];
+    }
+  }
+  return c;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> BiForwardCall::outputs()
+    const {
+  return {at::cat({dir[0].y, dir[1].y}, 1), h_n, c_n, gates, cells};
+}
+
+BiBackwardCall bi_backward_call(const std::optional<at::Tensor>& grad_y,
+                                const std::optional<at::Tensor>& grad_h_n,
+                                const std::optional<at::Tensor>& grad_c_n, const at::Tensor& x,
+                                const at::Tensor& h0, const at::Tensor& c0,
+                                const std::array<LayerWeights, 2>& w,
+                                const std::optional<at::Tensor>& batch_sizes, bool has_bias,
+                                const at::Tensor& y, const at::Tensor& gates,
+                                const at::Tensor& cells) {
+  check_pair(h0, "h0");
+  check_pair(c0, "c0");
+  check_pair(gates, "gates");
+  check_pair(cells, "cells");
+  if (grad_h_n.has_value() && grad_h_n->defined()) check_pair(*grad_h_n, "grad_h_n");
+  if (grad_c_n.has_value() && grad_c_n->defined()) check_pair(*grad_c_n, "grad_c_n");
+  BiBackwardCall c;
+  for (int d = 0; d < 2; ++d)
+    c.sizes[d] = check_layer_args(x, h0[d], c0[d], w[d].w_ih, w[d].w_hh, std::nullopt,
+                                  std::nullopt, w[d].w_hr, batch_sizes);
+  const LayerSizes& s = c.sizes[0];
+  TORCH_CHECK(c.sizes[1].hidden == s.hidden && c.sizes[1].proj == s.proj,
+              "lstm_fused: the directions of a bidirectional layer must have the same sizes");
+  TORCH_CHECK(y.dim() == 2 && y.size(1) == 2 * s.proj, "lstm_fused: y must have shape [",
+              s.rows, ", ", 2 * s.proj, "], got ", y.sizes());
+  const bool dy = grad_y.has_value() && grad_y->defined();
+  TORCH_CHECK(!dy || (grad_y->dim() == 2 && grad_y->size(1) == 2 * s.proj),
+              "lstm_fused: grad_y must have shape [", s.rows, ", ", 2 * s.proj, "], got ",
+              grad_y->sizes());
+  for (int d = 0; d < 2; ++d) {
+    const std::optional<at::Tensor> dy_d =
+        dy ? std::optional<at::Tensor>(grad_y->narrow(1, d * s.proj, s.proj)) : std::nullopt;
+    c.dir[d] = backward_call(c.sizes[d], dy_d, direction(grad_h_n, d), direction(grad_c_n, d),
+                             x, h0[d], c0[d], w[d].w_ih, w[d].w_hh, w[d].w_hr, has_bias,
+                             y.narrow(1, d * s.proj, s.proj), gates[d], cells[d]);
+  }
+  return c;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+BiBackwardCall::outputs() const {
+  const BackwardCall &f = dir[0], &r = dir[1];
+  return {f.dx + r.dx,          at::stack({f.dh0, r.dh0}), at::stack({f.dc0, r.dc0}),
+          f.dw_ih, f.dw_hh, f.db, f.dw_hr, r.dw_ih, r.dw_hh, r.db, r.dw_hr};
+}
+
 }  // namespace lstm_fused

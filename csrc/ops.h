@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -69,5 +70,42 @@ BackwardCall backward_call(const LayerSizes& s, const std::optional<at::Tensor>&
                            const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
                            bool has_bias, const at::Tensor& y, const at::Tensor& gates,
                            const at::Tensor& cells);
+
+// A bidirectional layer (bilayer_forward / bilayer_backward): the calls of
+// its two directions (0 forward, 1 reverse) on the same x and batch_sizes,
+// checked as layer calls (h0 and c0 are [2, batch, size], the gradients of
+// the pair's outputs likewise stacked, y and grad_y [rows, 2P]). h_n, c_n,
+// gates and cells of the directions are views of the pair's stacked tensors;
+// y of each its own [rows, P], concatenated by outputs().
+struct LayerWeights {
+  at::Tensor w_ih, w_hh;
+  std::optional<at::Tensor> b_ih, b_hh, w_hr;
+};
+struct BiForwardCall {
+  std::array<LayerSizes, 2> sizes;
+  std::array<ForwardCall, 2> dir;
+  at::Tensor h_n, c_n, gates, cells;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs() const;
+};
+BiForwardCall bi_forward_call(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                              const std::array<LayerWeights, 2>& w,
+                              const std::optional<at::Tensor>& batch_sizes, bool save);
+
+// The directions' gradients; outputs() adds their dx and stacks dh0, dc0.
+struct BiBackwardCall {
+  std::array<LayerSizes, 2> sizes;
+  std::array<BackwardCall, 2> dir;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+             at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+  outputs() const;
+};
+BiBackwardCall bi_backward_call(const std::optional<at::Tensor>& grad_y,
+                                const std::optional<at::Tensor>& grad_h_n,
+                                const std::optional<at::Tensor>& grad_c_n, const at::Tensor& x,
+                                const at::Tensor& h0, const at::Tensor& c0,
+                                const std::array<LayerWeights, 2>& w,
+                                const std::optional<at::Tensor>& batch_sizes, bool has_bias,
+                                const at::Tensor& y, const at::Tensor& gates,
+                                const at::Tensor& cells);
 
 }  // namespace lstm_fused

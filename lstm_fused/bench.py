@@ -539,8 +539,9 @@ def _engine_short(e):
     def short(text):
         if not text.startswith("persistent"):
             return "per-step"
-        blocks, units = re.search(r"(\d+) blocks x (\d+) units", text).groups()
-        return f"persistent {blocks}×{units}"
+        directions, blocks, units = re.search(
+            r"(?:(\d+) directions x )?(\d+) blocks x (\d+) units", text).groups()
+        return f"persistent {directions + '×' if directions else ''}{blocks}×{units}"
     f, b = short(e["forward"]), short(e["backward"])
     return f if f == b else f"{f} / {b}"
 

@@ -217,21 +217,32 @@ class LSTM(nn.LSTM):
         directions = 2 if self.bidirectional else 1
         all_weights = self._weights()
         h_n, c_n = [], []
+        def weights_of(index):
+            weights = self._layer_weights(all_weights, index)
+            if cast is not None:
+                weights = [w.to(cast) if w is not None else None for w in weights]
+            if upcast:
+                weights = [w.float() if w is not None else None for w in weights]
+            return weights
+        pairs = directions == 2 and ops.pairs(x)
         for layer in range(self.num_layers):
-            outputs = []
-            for direction in range(directions):
-                index = layer * directions + direction
-                weights = self._layer_weights(all_weights, index)
-                if cast is not None:
-                    weights = [w.to(cast) if w is not None else None for w in weights]
-                if upcast:
-                    weights = [w.float() if w is not None else None for w in weights]
-                y, h, c = ops.layer(x, h0[index], c0[index], *weights,
-                                    batch_sizes=batch_sizes, reverse=direction == 1)
-                outputs.append(y)
-                h_n.append(h)
-                c_n.append(c)
-            x = outputs[0] if directions == 1 else torch.cat(outputs, dim=1)
+            first = layer * directions
+            if pairs:  # both directions in one call
+                x, h, c = ops.bilayer(x, h0[first:first + 2], c0[first:first + 2],
+                                      weights_of(first), weights_of(first + 1),
+                                      batch_sizes=batch_sizes)
+                h_n += [h[0], h[1]]
+                c_n += [c[0], c[1]]
+            else:
+                outputs = []
+                for direction in range(directions):
+                    y, h, c = ops.layer(x, h0[first + direction], c0[first + direction],
+                                        *weights_of(first + direction),
+                                        batch_sizes=batch_sizes, reverse=direction == 1)
+                    outputs.append(y)
+                    h_n.append(h)
+                    c_n.append(c)
+                x = outputs[0] if directions == 1 else torch.cat(outputs, dim=1)
             if self.dropout and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, training=True)
         h_n, c_n = torch.stack(h_n), torch.stack(c_n)

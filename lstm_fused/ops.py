@@ -1,10 +1,12 @@
 """The registered ops, their fake (meta) implementations and their autograd.
 
 `torch.ops.lstm_fused.layer_forward` runs one layer in one direction over a
-whole (packed) sequence; `layer_backward` is its gradient. Both are defined in
-C++ (csrc/ops.cpp) with CPU and CUDA implementations; this file adds what
-torch.compile/export and autograd need, and `layer`, the differentiable call
-the module uses.
+whole (packed) sequence; `layer_backward` is its gradient. `bilayer_forward`
+and `bilayer_backward` do the same for both directions of a bidirectional
+layer at once (on CUDA one persistent launch). All are defined in C++
+(csrc/library.cpp) with CPU and CUDA implementations; this file adds what
+torch.compile/export and autograd need, and `layer` and `bilayer`, the
+differentiable calls the module uses.
 """
 import sys
 
@@ -17,6 +19,7 @@ from . import reference
 
 _ops = torch.ops.lstm_fused
 _forward = _ops.layer_forward.default
+_bi_forward = _ops.bilayer_forward.default
 
 
 def _check_devices(x, tensors, batch_sizes):
@@ -85,6 +88,89 @@ def _backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
 
 torch.library.register_autograd(
     "lstm_fused::layer_forward", _backward, setup_context=_setup_context)
+
+
+# Both directions of a bidirectional layer in one op (on CUDA one persistent
+# launch): the same as layer_forward per direction, h0/c0 and the states
+# stacked [2, batch, size], y the directions concatenated.
+
+def _directions(weights):
+    """The ten weight arguments of the bilayer ops as two layers' five."""
+    return weights[:5], weights[5:]
+
+
+@torch.library.register_fake("lstm_fused::bilayer_forward")
+def _bilayer_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ih_r, w_hh_r, b_ih_r,
+                          b_hh_r, w_hr_r, batch_sizes, save=True):
+    _check_devices(x, (h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ih_r, w_hh_r, b_ih_r, b_hh_r,
+                       w_hr_r), batch_sizes)
+    torch._check(h0.dim() == 3 and h0.shape[0] == 2 and c0.dim() == 3 and c0.shape[0] == 2,
+                 lambda: "lstm_fused: h0 and c0 of a bidirectional layer must be [2, batch, size]")
+    rows, hidden, proj = x.shape[0], c0.shape[2], h0.shape[2]
+    kept = rows if save else 0
+    return (x.new_empty(rows, 2 * proj), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
+            x.new_empty(2, kept, 4 * hidden), x.new_empty(2, kept, hidden))
+
+
+@torch.library.register_fake("lstm_fused::bilayer_backward")
+def _bilayer_backward_fake(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr,
+                           w_ih_r, w_hh_r, w_hr_r, batch_sizes, has_bias, y, gates, cells):
+    _check_devices(x, (grad_y, grad_h_n, grad_c_n, h0, c0, w_ih, w_hh, w_hr, w_ih_r, w_hh_r,
+                       w_hr_r, y, gates, cells), batch_sizes)
+    hidden = c0.shape[2]
+
+    def grads(w_ih, w_hh, w_hr):
+        return (torch.empty_like(w_ih), torch.empty_like(w_hh),
+                x.new_empty(4 * hidden if has_bias else 0),
+                torch.empty_like(w_hr) if w_hr is not None else x.new_empty(0))
+    return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(c0),
+            *grads(w_ih, w_hh, w_hr), *grads(w_ih_r, w_hh_r, w_hr_r))
+
+
+def _bi_setup_context(ctx, inputs, output):
+    x, h0, c0, *weights = inputs[:13]
+    y, _, _, gates, cells = output
+    ctx.save_for_backward(x, h0, c0, *weights, inputs[13], y, gates, cells)
+    ctx.bias = [(w[2] is not None, w[3] is not None) for w in _directions(weights)]
+    ctx.mark_non_differentiable(gates, cells)
+
+
+def _bi_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
+    x, h0, c0, *rest = ctx.saved_tensors
+    weights, batch_sizes, (y, gates, cells) = rest[:10], rest[10], rest[11:]
+    directions = _directions(weights)
+    has_bias = any(ctx.bias[0])
+    if torch.is_grad_enabled():
+        # create_graph=True: each direction through layer_backward's
+        # differentiable form (_Backward), as layer_forward's backward does.
+        proj = h0.shape[2]
+
+        def part(t, d, cols=False):
+            if t is None:
+                return None
+            return t[:, d * proj:(d + 1) * proj] if cols else t[d]
+        results = [_Backward.apply(part(grad_y, d, True), part(grad_h_n, d), part(grad_c_n, d),
+                                   x, h0[d], c0[d], *w, batch_sizes, d == 1,
+                                   part(y, d, True), gates[d], cells[d])
+                   for d, w in enumerate(directions)]
+        dx = results[0][0] + results[1][0]
+        dh0 = torch.stack([r[1] for r in results])
+        dc0 = torch.stack([r[2] for r in results])
+        per_direction = [r[3:] for r in results]
+    else:
+        dx, dh0, dc0, *flat = _ops.bilayer_backward(
+            grad_y, grad_h_n, grad_c_n, x, h0, c0, *directions[0][:2], directions[0][4],
+            *directions[1][:2], directions[1][4], batch_sizes, has_bias, y, gates, cells)
+        per_direction = [flat[:4], flat[4:]]
+    grads = [dx, dh0, dc0]
+    for (dw_ih, dw_hh, db, dw_hr), w, bias in zip(per_direction, directions, ctx.bias):
+        grads += [dw_ih, dw_hh, db if bias[0] else None, db if bias[1] else None,
+                  dw_hr if w[4] is not None else None]
+    return (*grads, None, None)
+
+
+torch.library.register_autograd(
+    "lstm_fused::bilayer_forward", _bi_backward, setup_context=_bi_setup_context)
 
 
 def _vmap_loop(op, info, in_dims, *args):
@@ -331,14 +417,46 @@ def layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, batch_sizes=No
     return y, h_n, c_n
 
 
+# The devices whose bidirectional layers run both directions in one call
+# (bilayer_forward): CUDA, where that is one persistent launch. (The
+# emulation of CUDA adds "cpu"; elsewhere the directions run one by one.)
+PAIR_DEVICES = {"cuda"}
+
+
+def pairs(x):
+    """Whether a bidirectional layer on x runs as one bilayer call: on the
+    devices above, in eager autograd or inference (torch.func, forward-mode
+    AD, compile and export run the directions as layers)."""
+    return (x.device.type in PAIR_DEVICES and export_mode() is None
+            and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()
+            and forward_ad._current_level < 0)
+
+
+def bilayer(x, h0, c0, forward_weights, reverse_weights, batch_sizes=None):
+    """Both directions of a bidirectional layer: returns (y, h_n, c_n), y
+    [rows, 2 * P] (the directions concatenated), h_n and c_n [2, batch, size]
+    from h0, c0 [2, batch, size]. forward_weights, reverse_weights: each
+    (w_ih, w_hh, b_ih, b_hh, w_hr) as `layer` takes them."""
+    args = (x, h0, c0, *forward_weights, *reverse_weights, batch_sizes)
+    if not torch.is_grad_enabled():
+        with torch._C._AutoDispatchBelowAutograd():
+            y, h_n, c_n, _, _ = _bi_forward(*args, False)
+    else:
+        y, h_n, c_n, _, _ = _bi_forward(*args)
+    return y, h_n, c_n
+
+
 def cuda_plan(module, input):
     """Which CUDA kernels lstm_fused.LSTM `module` runs on `input` (batched
     or unbatched, not packed) on its CUDA device, forward and backward: e.g.
     {"forward": "persistent: 96 blocks x 8 units, 97 KB shared memory per
-    block", "backward": ...}, or "per-step" where the persistent kernels do
-    not apply (float64, one step, weights too large for shared memory, ...;
-    LSTM_FUSED_CUDA_ENGINE=step|persistent forces either). Every layer and
-    direction of a module runs the same kernels."""
+    block", "backward": ...}; for a bidirectional module "persistent: 2
+    directions x 64 blocks x 8 units, ..." where both directions share one
+    launch (else each runs on its own, as a unidirectional layer); or
+    "per-step" where the persistent kernels do not apply (float64, one step,
+    weights too large for shared memory, ...; LSTM_FUSED_CUDA_ENGINE=step|
+    persistent forces either). Every layer of a module runs the same kernels."""
     x = input if input.dim() == 3 else input.unsqueeze(1)
     if module.batch_first and input.dim() == 3:
         x = x.transpose(0, 1)
@@ -348,13 +466,16 @@ def cuda_plan(module, input):
     h0 = x.new_zeros(batch, proj)
     c0 = x.new_zeros(batch, module.hidden_size)
     w_hr = getattr(module, "weight_hr_l0", None)
-    plan = _ops.cuda_plan(x.reshape(steps * batch, -1), h0, c0, w_ih, w_hh, w_hr, None)
+    plan = _ops.cuda_plan(x.reshape(steps * batch, -1), h0, c0, w_ih, w_hh, w_hr, None,
+                          2 if module.bidirectional else 1)
 
     def describe(p):
-        persistent, blocks, units, proj_units, shared = p
+        persistent, directions, blocks, units, proj_units, shared = p
         if not persistent:
             return "per-step"
         cols = f", {proj_units} projection columns" if w_hr is not None else ""
-        return (f"persistent: {blocks} blocks x {units} units{cols}, "
+        grid = (f"{directions} directions x {blocks // directions} blocks" if directions > 1
+                else f"{blocks} blocks")
+        return (f"persistent: {grid} x {units} units{cols}, "
                 f"{(shared + 1023) // 1024} KB shared memory per block")
-    return {"forward": describe(plan[:5]), "backward": describe(plan[5:])}
+    return {"forward": describe(plan[:6]), "backward": describe(plan[6:])}

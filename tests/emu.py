@@ -159,6 +159,7 @@ def load(lib):
         warnings.simplefilter("ignore")
         torch.ops.load_library(str(lib))
     lstm_fused.modules._HALF_NATIVE.add("cpu")  # the kernels take half types, as on a GPU
+    lstm_fused.ops.PAIR_DEVICES.add("cpu")  # bidirectional layers in one call, as on a GPU
     # Every tensor from at::empty (the host code's outputs and workspaces)
     # starts as NaN (max int for integers): a read of what no kernel wrote shows.
     torch.use_deterministic_algorithms(True)

@@ -225,6 +225,29 @@ def test_non_contiguous_and_side_stream():
     compare(expected, got, dtype)
 
 
+@pytest.mark.skipif(DEVICE != "cuda" and not EMULATED, reason="the CUDA kernels' plan")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("proj", [0, 7])
+def test_bidirectional_in_one_launch(dtype, proj, monkeypatch):
+    """Both directions of a bidirectional layer share one persistent launch
+    (half of the grid each), forward and backward, and give what the
+    directions give launched one by one (up to the order of the sums: the
+    blocks own other units)."""
+    monkeypatch.setenv("LSTM_FUSED_CUDA_ENGINE", "persistent")
+    ref, ours = cuda_pair(5, 24, dtype, num_layers=2, bidirectional=True, proj_size=proj)
+    x = torch.randn(6, 3, 5, dtype=dtype)
+    plan = lstm_fused.cuda_plan(ours, x.to(DEVICE))
+    for phase in ("forward", "backward"):
+        assert plan[phase].startswith("persistent: 2 directions x 3 blocks x 8 units"), plan
+    together = run(ours, x, device=DEVICE)
+    monkeypatch.setattr(lstm_fused.ops, "PAIR_DEVICES", set())
+    apart = run(ours, x, device=DEVICE)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for a, b in zip(together, apart):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
 def test_gradcheck_ops_float64():
     """torch.autograd.gradcheck of the op: packed, reverse, projection, bias."""
     g = torch.Generator().manual_seed(0)

@@ -102,24 +102,36 @@ struct PersistentBackward {
   bool reverse;
 };
 
+// The directions one persistent launch runs: a layer's one direction, or
+// both directions of a bidirectional layer (count 2: dir[0] forward, dir[1]
+// reverse, each on half of the grid).
+template <typename Params>
+struct Directions {
+  Params dir[2];
+  int count;
+};
+
 // A persistent launch for a layer's sizes, or why there is none.
 struct Plan {
   bool persistent = false;
+  int directions = 1;  // in the launch; blocks is the whole grid (blocks / directions each)
   int blocks = 0, units = 0, proj_units = 0;
   size_t shared = 0;  // bytes of dynamic shared memory per block
   const char* why = "";
 };
 
 // The plan on the current device (its multiprocessors, shared memory and
-// the kernels' occupancy).
+// the kernels' occupancy) for one direction, or two in one launch.
 template <typename T>
-Plan plan_forward(int hidden, int proj);
+Plan plan_forward(int hidden, int proj, int directions);
 template <typename T>
-Plan plan_backward(int hidden, int proj);
+Plan plan_backward(int hidden, int proj, int directions);
 
+// One launch running dirs[0 .. plan.directions).
 template <typename T>
-void persistent_forward(const PersistentForward<T>& p, const Plan& plan, cudaStream_t stream);
+void persistent_forward(const PersistentForward<T>* dirs, const Plan& plan, cudaStream_t stream);
 template <typename T>
-void persistent_backward(const PersistentBackward<T>& p, const Plan& plan, cudaStream_t stream);
+void persistent_backward(const PersistentBackward<T>* dirs, const Plan& plan,
+                         cudaStream_t stream);
 
 }  // namespace lstm_fused::cuda

@@ -91,19 +91,21 @@ Engine engine_setting() {
 }
 
 // The persistent plan for a layer's sizes on the current device (cached:
-// it queries the device), for the forward or the backward kernel.
+// it queries the device), for the forward or the backward kernel, one
+// direction or both in one launch.
 template <typename T>
-cuda::Plan cached_plan(int64_t hidden, int64_t proj, bool backward) {
+cuda::Plan cached_plan(int64_t hidden, int64_t proj, bool backward, int directions) {
   static std::mutex m;
-  static std::map<std::tuple<int, int64_t, int64_t, bool>, cuda::Plan> plans;
+  static std::map<std::tuple<int, int64_t, int64_t, bool, int>, cuda::Plan> plans;
   int device = 0;
   LSTM_CUDA_CHECK(cudaGetDevice(&device));
-  const auto key = std::make_tuple(device, hidden, proj, backward);
+  const auto key = std::make_tuple(device, hidden, proj, backward, directions);
   std::lock_guard<std::mutex> lock(m);
   auto it = plans.find(key);
   if (it == plans.end()) {
     const int H = static_cast<int>(hidden), P = static_cast<int>(proj);
-    it = plans.emplace(key, backward ? cuda::plan_backward<T>(H, P) : cuda::plan_forward<T>(H, P))
+    it = plans.emplace(key, backward ? cuda::plan_backward<T>(H, P, directions)
+                                     : cuda::plan_forward<T>(H, P, directions))
              .first;
   }
   return it->second;
@@ -112,9 +114,12 @@ cuda::Plan cached_plan(int64_t hidden, int64_t proj, bool backward) {
 // Which kernels run a layer: the persistent ones (a plan) or the per-step
 // ones (a plan with persistent false and the reason). strict: with
 // LSTM_FUSED_CUDA_ENGINE=persistent, a float32/16/bf16 layer that cannot run
-// persistent is an error.
+// persistent is an error. directions 2: both directions of a bidirectional
+// layer in one launch (never strict: each direction may still run
+// persistent on its own).
 template <typename T>
-cuda::Plan choose_engine(const LayerSizes& s, bool backward, cudaStream_t stream, bool strict) {
+cuda::Plan choose_engine(const LayerSizes& s, bool backward, cudaStream_t stream, bool strict,
+                         int directions = 1) {
   cuda::Plan step;
   const Engine engine = engine_setting();
   if constexpr (std::is_same_v<T, double>) {
@@ -129,7 +134,7 @@ cuda::Plan choose_engine(const LayerSizes& s, bool backward, cudaStream_t stream
       step.why = "one step";
       return step;
     }
-    cuda::Plan plan = cached_plan<T>(s.hidden, s.proj, backward);
+    cuda::Plan plan = cached_plan<T>(s.hidden, s.proj, backward, directions);
     const bool uniform = std::all_of(s.batch_sizes.begin(), s.batch_sizes.end(),
                                      [&](int64_t b) { return b == s.batch; });
     if (plan.persistent && !uniform && cuda::capturing(stream)) {
@@ -168,74 +173,123 @@ void gather_h_n(const Layout& L, const at::Tensor& y, at::Tensor& h_n) {
   }
 }
 
+// One direction of a forward call on the device: its workspaces (the input
+// projection, the summed bias, the running cell, the projection's h before
+// it) and, for the persistent kernels, its step offsets.
 template <typename T>
-void run_forward(const Layout& L, const at::Tensor& x, const at::Tensor& h0,
-                 const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                 const at::Tensor& b_ih, const at::Tensor& b_hh, const at::Tensor& w_hr,
-                 at::Tensor& y, at::Tensor& h_n, at::Tensor& c_n, at::Tensor& gates,
-                 at::Tensor& cells) {
+struct ForwardWork {
+  at::Tensor xg, bias, c_state, h_pre, offsets;
+};
+
+// What both engines start from: x W_ih^T of all steps (in place in `gates`
+// when T computes in T), the bias, c0.
+template <typename T>
+ForwardWork<T> forward_begin(const Layout& L, ForwardCall& c, bool persistent) {
   using A = at::opmath_type<T>;
   constexpr bool same = std::is_same_v<T, A>;
   const LayerSizes& s = L.s;
-  const int64_t N = s.rows, B = s.batch, H = s.hidden, P = s.proj, G = 4 * H;
-  const bool proj = w_hr.defined();
-  const auto acc = x.options().dtype(c10::CppTypeToScalarType<A>::value);
-  const cudaStream_t stream = cuda::current_stream();
-  const cuda::Plan plan = choose_engine<T>(s, /*backward=*/false, stream, true);
-  if (!plan.persistent && !gates.defined()) {  // inference: the step kernels' workspace
-    gates = at::empty({N, G}, x.options());
-    cells = at::empty({N, H}, x.options());
+  const int64_t N = s.rows, B = s.batch, H = s.hidden, G = 4 * H;
+  const auto acc = c.x.options().dtype(c10::CppTypeToScalarType<A>::value);
+  if (!persistent && !c.gates.defined()) {  // inference: the step kernels' workspace
+    c.gates = at::empty({N, G}, c.x.options());
+    c.cells = at::empty({N, H}, c.x.options());
   }
+  ForwardWork<T> w;
+  w.xg = same && c.gates.defined() ? c.gates : at::empty({N, G}, acc);
+  gemm(w.xg, c.x, c.w_ih.t(), false);
+  if (c.b_ih.defined() || c.b_hh.defined()) {
+    w.bias = at::zeros({G}, acc);
+    if (c.b_ih.defined()) w.bias.add_(c.b_ih);
+    if (c.b_hh.defined()) w.bias.add_(c.b_hh);
+  }
+  w.c_state = same ? c.c_n : at::empty({B, H}, acc);
+  w.c_state.copy_(c.c0);
+  if (c.w_hr.defined()) w.h_pre = at::empty({B, H}, c.x.options());
+  if (persistent) w.offsets = step_offsets(L, c.x.device());
+  return w;
+}
 
-  // x W_ih^T for all steps; in place in `gates` when T computes in T.
-  at::Tensor xg = same && gates.defined() ? gates : at::empty({N, G}, acc);
-  gemm(xg, x, w_ih.t(), false);
-  at::Tensor bias;
-  if (b_ih.defined() || b_hh.defined()) {
-    bias = at::zeros({G}, acc);
-    if (b_ih.defined()) bias.add_(b_ih);
-    if (b_hh.defined()) bias.add_(b_hh);
-  }
-  at::Tensor c_state = same ? c_n : at::empty({B, H}, acc);
-  c_state.copy_(c0);
-  at::Tensor h_pre = proj ? at::empty({B, H}, x.options()) : at::Tensor();
+template <typename T>
+cuda::PersistentForward<T> forward_params(const Layout& L, const ForwardCall& c,
+                                          const ForwardWork<T>& w) {
+  using A = at::opmath_type<T>;
+  const LayerSizes& s = L.s;
+  return {ptr<T>(c.w_hh), ptr<T>(c.w_hr), ptr<A>(w.xg), ptr<A>(w.bias), ptr<T>(c.h0),
+          ptr<A>(w.c_state), ptr<T>(c.y), ptr<T>(c.gates), ptr<T>(c.cells), ptr<T>(w.h_pre),
+          {ptr<int32_t>(w.offsets), static_cast<int>(s.steps), static_cast<int>(s.batch)},
+          static_cast<int>(s.hidden), static_cast<int>(s.proj), L.reverse};
+}
 
-  if constexpr (!std::is_same_v<T, double>) {
-    if (plan.persistent) {
-      const at::Tensor offsets = step_offsets(L, x.device());
-      cuda::PersistentForward<T> p{ptr<T>(w_hh), ptr<T>(w_hr), ptr<A>(xg), ptr<A>(bias),
-                                   ptr<T>(h0), ptr<A>(c_state), ptr<T>(y), ptr<T>(gates),
-                                   ptr<T>(cells), ptr<T>(h_pre),
-                                   {ptr<int32_t>(offsets), static_cast<int>(s.steps),
-                                    static_cast<int>(B)},
-                                   static_cast<int>(H), static_cast<int>(P), L.reverse};
-      cuda::persistent_forward(p, plan, stream);
-    }
-  }
-  for (int64_t k = 0; k < s.steps && !plan.persistent; ++k) {
+// The per-step engine: a kernel (and with projection a GEMM) per step.
+template <typename T>
+void forward_steps(const Layout& L, ForwardCall& c, ForwardWork<T>& w, cudaStream_t stream) {
+  using A = at::opmath_type<T>;
+  const LayerSizes& s = L.s;
+  const int64_t H = s.hidden, P = s.proj, G = 4 * H;
+  const bool proj = c.w_hr.defined();
+  for (int64_t k = 0; k < s.steps; ++k) {
     const int64_t t = L.step(k), n = L.rows(t), r0 = L.off[t];
     const int64_t n_prev = L.rows_at(k - 1);
     cuda::ForwardStep<T, A> p;
-    p.w_hh = ptr<T>(w_hh);
-    p.xg = ptr<A>(xg) + r0 * G;
-    p.bias = ptr<A>(bias);
-    p.h_prev = n_prev > 0 ? ptr<T>(y) + L.off[L.step(k - 1)] * P : nullptr;
-    p.h0 = ptr<T>(h0);
-    p.c_state = ptr<A>(c_state);
-    p.gates = ptr<T>(gates) + r0 * G;
-    p.cells = ptr<T>(cells) + r0 * H;
-    p.h_out = proj ? ptr<T>(h_pre) : ptr<T>(y) + r0 * P;
+    p.w_hh = ptr<T>(c.w_hh);
+    p.xg = ptr<A>(w.xg) + r0 * G;
+    p.bias = ptr<A>(w.bias);
+    p.h_prev = n_prev > 0 ? ptr<T>(c.y) + L.off[L.step(k - 1)] * P : nullptr;
+    p.h0 = ptr<T>(c.h0);
+    p.c_state = ptr<A>(w.c_state);
+    p.gates = ptr<T>(c.gates) + r0 * G;
+    p.cells = ptr<T>(c.cells) + r0 * H;
+    p.h_out = proj ? ptr<T>(w.h_pre) : ptr<T>(c.y) + r0 * P;
     p.ld_h = static_cast<int>(proj ? H : P);
     p.n = static_cast<int>(n);
     p.n_prev = static_cast<int>(n_prev);
     p.hidden = static_cast<int>(H);
     p.proj = static_cast<int>(P);
     cuda::forward_step(p, stream);
-    if (proj) gemm(y.narrow(0, r0, n), h_pre.narrow(0, 0, n), w_hr.t(), false);
+    if (proj) gemm(c.y.narrow(0, r0, n), w.h_pre.narrow(0, 0, n), c.w_hr.t(), false);
   }
+}
 
-  if (!same) c_n.copy_(c_state);
-  gather_h_n(L, y, h_n);
+template <typename T>
+void forward_end(const Layout& L, ForwardCall& c, const ForwardWork<T>& w) {
+  if (!std::is_same_v<T, at::opmath_type<T>>) c.c_n.copy_(w.c_state);
+  gather_h_n(L, c.y, c.h_n);
+}
+
+// One direction of a layer: persistent where it can, else per step.
+template <typename T>
+void run_forward(const Layout& L, ForwardCall& c) {
+  const cudaStream_t stream = cuda::current_stream();
+  const cuda::Plan plan = choose_engine<T>(L.s, /*backward=*/false, stream, true);
+  ForwardWork<T> w = forward_begin<T>(L, c, plan.persistent);
+  if constexpr (!std::is_same_v<T, double>) {
+    if (plan.persistent) {
+      const cuda::PersistentForward<T> p = forward_params<T>(L, c, w);
+      cuda::persistent_forward(&p, plan, stream);
+    }
+  }
+  if (!plan.persistent) forward_steps<T>(L, c, w, stream);
+  forward_end<T>(L, c, w);
+}
+
+// Both directions of a bidirectional layer: one persistent launch where the
+// pair fits on the device, else each direction on its own.
+template <typename T>
+void run_bi_forward(const Layout (&L)[2], BiForwardCall& c) {
+  const cudaStream_t stream = cuda::current_stream();
+  const cuda::Plan plan = choose_engine<T>(L[0].s, /*backward=*/false, stream, false, 2);
+  if constexpr (!std::is_same_v<T, double>) {
+    if (plan.persistent) {
+      ForwardWork<T> w[2] = {forward_begin<T>(L[0], c.dir[0], true),
+                             forward_begin<T>(L[1], c.dir[1], true)};
+      const cuda::PersistentForward<T> p[2] = {forward_params<T>(L[0], c.dir[0], w[0]),
+                                               forward_params<T>(L[1], c.dir[1], w[1])};
+      cuda::persistent_forward(p, plan, stream);
+      for (int d = 0; d < 2; ++d) forward_end<T>(L[d], c.dir[d], w[d]);
+      return;
+    }
+  }
+  for (int d = 0; d < 2; ++d) run_forward<T>(L[d], c.dir[d]);
 }
 
 // h_{t-1} of every row of every step: y of the previous step in processing
@@ -267,68 +321,75 @@ at::Tensor previous_h(const Layout& L, const at::Tensor& y, const at::Tensor& h0
   return out;
 }
 
+// One direction of a backward call on the device: dh, the gradient of
+// every step's h (after projection: grad_y, plus grad_h_n at each row's last
+// step, plus, added by the kernels, the recurrent part), the running dc (it
+// ends as dc0), dh0 and the gate gradients, in A.
 template <typename T>
-void run_backward(const Layout& L, const at::Tensor& dy, const at::Tensor& dh_n,
-                  const at::Tensor& dc_n, const at::Tensor& x, const at::Tensor& h0,
-                  const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                  const at::Tensor& w_hr, const at::Tensor& y, const at::Tensor& gates,
-                  const at::Tensor& cells, bool has_bias, at::Tensor& dx, at::Tensor& dh0,
-                  at::Tensor& dc0, at::Tensor& dw_ih, at::Tensor& dw_hh, at::Tensor& db,
-                  at::Tensor& dw_hr) {
+struct BackwardWork {
+  at::Tensor dh, dc, dh0, dgates, offsets;
+};
+
+template <typename T>
+BackwardWork<T> backward_begin(const Layout& L, const BackwardCall& c, bool persistent) {
   using A = at::opmath_type<T>;
   constexpr bool same = std::is_same_v<T, A>;
   const LayerSizes& s = L.s;
   const int64_t N = s.rows, B = s.batch, H = s.hidden, P = s.proj, G = 4 * H;
-  const bool proj = w_hr.defined();
-  const auto acc = x.options().dtype(c10::CppTypeToScalarType<A>::value);
-  const cudaStream_t stream = cuda::current_stream();
-
-  // dh: the gradient of every step's h (after projection): grad_y, plus
-  // grad_h_n at each row's last step, plus (in the loop) the recurrent part.
-  at::Tensor dh = at::empty({N, P}, acc);
-  if (dy.defined()) dh.copy_(dy);
-  else dh.zero_();
-  if (dh_n.defined()) {
+  const auto acc = c.x.options().dtype(c10::CppTypeToScalarType<A>::value);
+  BackwardWork<T> w;
+  w.dh = at::empty({N, P}, acc);
+  if (c.dy.defined()) w.dh.copy_(c.dy);
+  else w.dh.zero_();
+  if (c.dh_n.defined()) {
     for (int64_t k = 0; k < s.steps; ++k) {
       const int64_t t = L.step(k), n = L.rows(t), n_next = L.rows_at(k + 1);
       if (n > n_next)
-        dh.narrow(0, L.off[t] + n_next, n - n_next).add_(dh_n.narrow(0, n_next, n - n_next));
+        w.dh.narrow(0, L.off[t] + n_next, n - n_next).add_(c.dh_n.narrow(0, n_next, n - n_next));
     }
   }
-  // dc carries the gradient of c backwards; it ends as dc0.
-  at::Tensor dc = same ? dc0 : at::empty({B, H}, acc);
-  if (dc_n.defined()) dc.copy_(dc_n);
-  else dc.zero_();
-  at::Tensor dh0_acc = same ? dh0 : at::empty({B, P}, acc);
-  at::Tensor dgates = at::empty({N, G}, acc);
-  const cuda::Plan plan = choose_engine<T>(s, /*backward=*/true, stream, true);
+  w.dc = same ? c.dc0 : at::empty({B, H}, acc);
+  if (c.dc_n.defined()) w.dc.copy_(c.dc_n);
+  else w.dc.zero_();
+  w.dh0 = same ? c.dh0 : at::empty({B, P}, acc);
+  w.dgates = at::empty({N, G}, acc);
+  if (persistent) w.offsets = step_offsets(L, c.x.device());
+  return w;
+}
 
-  if constexpr (!std::is_same_v<T, double>) {
-    if (plan.persistent) {
-      const at::Tensor offsets = step_offsets(L, x.device());
-      cuda::PersistentBackward<T> p{ptr<T>(w_hh), ptr<T>(w_hr), ptr<T>(gates), ptr<T>(cells),
-                                    ptr<T>(c0), ptr<A>(dh), ptr<A>(dh0_acc), ptr<A>(dc),
-                                    ptr<A>(dgates),
-                                    {ptr<int32_t>(offsets), static_cast<int>(s.steps),
-                                     static_cast<int>(B)},
-                                    static_cast<int>(H), static_cast<int>(P), L.reverse};
-      cuda::persistent_backward(p, plan, stream);
-    }
-  }
-  const at::Tensor w_hh_acc = plan.persistent || same ? w_hh : w_hh.to(acc.dtype());
-  for (int64_t k = s.steps - 1; k >= 0 && !plan.persistent; --k) {
+template <typename T>
+cuda::PersistentBackward<T> backward_params(const Layout& L, const BackwardCall& c,
+                                            const BackwardWork<T>& w) {
+  using A = at::opmath_type<T>;
+  const LayerSizes& s = L.s;
+  return {ptr<T>(c.w_hh), ptr<T>(c.w_hr), ptr<T>(c.gates), ptr<T>(c.cells), ptr<T>(c.c0),
+          ptr<A>(w.dh), ptr<A>(w.dh0), ptr<A>(w.dc), ptr<A>(w.dgates),
+          {ptr<int32_t>(w.offsets), static_cast<int>(s.steps), static_cast<int>(s.batch)},
+          static_cast<int>(s.hidden), static_cast<int>(s.proj), L.reverse};
+}
+
+// The per-step engine: per step a kernel (dh' = dh W_hr, cell_backward) and
+// a GEMM dh_{t-1} += dG_t W_hh.
+template <typename T>
+void backward_steps(const Layout& L, const BackwardCall& c, BackwardWork<T>& w,
+                    cudaStream_t stream) {
+  using A = at::opmath_type<T>;
+  const LayerSizes& s = L.s;
+  const int64_t H = s.hidden, P = s.proj, G = 4 * H;
+  const at::Tensor w_hh = std::is_same_v<T, A> ? c.w_hh : c.w_hh.to(w.dh.scalar_type());
+  for (int64_t k = s.steps - 1; k >= 0; --k) {
     const int64_t t = L.step(k), n = L.rows(t), r0 = L.off[t];
     const int64_t n_prev = L.rows_at(k - 1);
     const int64_t r_prev = n_prev > 0 ? L.off[L.step(k - 1)] : 0;
     cuda::BackwardStep<T, A> p;
-    p.w_hr = ptr<T>(w_hr);
-    p.dh = ptr<A>(dh) + r0 * P;
-    p.gates = ptr<T>(gates) + r0 * G;
-    p.cells = ptr<T>(cells) + r0 * H;
-    p.c_prev = n_prev > 0 ? ptr<T>(cells) + r_prev * H : nullptr;
-    p.c0 = ptr<T>(c0);
-    p.dc = ptr<A>(dc);
-    p.dgates = ptr<A>(dgates) + r0 * G;
+    p.w_hr = ptr<T>(c.w_hr);
+    p.dh = ptr<A>(w.dh) + r0 * P;
+    p.gates = ptr<T>(c.gates) + r0 * G;
+    p.cells = ptr<T>(c.cells) + r0 * H;
+    p.c_prev = n_prev > 0 ? ptr<T>(c.cells) + r_prev * H : nullptr;
+    p.c0 = ptr<T>(c.c0);
+    p.dc = ptr<A>(w.dc);
+    p.dgates = ptr<A>(w.dgates) + r0 * G;
     p.n = static_cast<int>(n);
     p.n_prev = static_cast<int>(n_prev);
     p.hidden = static_cast<int>(H);
@@ -336,30 +397,69 @@ void run_backward(const Layout& L, const at::Tensor& dy, const at::Tensor& dh_n,
     cuda::backward_step(p, stream);
     // dh_{t-1} = dG_t W_hh: into the previous step's rows, or dh0 where a
     // row started at this step.
-    const at::Tensor dg = dgates.narrow(0, r0, n);
+    const at::Tensor dg = w.dgates.narrow(0, r0, n);
     const int64_t m = std::min(n, n_prev);
-    if (m > 0) gemm(dh.narrow(0, r_prev, m), dg.narrow(0, 0, m), w_hh_acc, true);
-    if (n > m) gemm(dh0_acc.narrow(0, m, n - m), dg.narrow(0, m, n - m), w_hh_acc, false);
+    if (m > 0) gemm(w.dh.narrow(0, r_prev, m), dg.narrow(0, 0, m), w_hh, true);
+    if (n > m) gemm(w.dh0.narrow(0, m, n - m), dg.narrow(0, m, n - m), w_hh, false);
   }
+}
 
-  // The big GEMMs run in T (float accumulation for the half types).
-  const at::Tensor dg = same ? dgates : dgates.to(x.scalar_type());
-  gemm(dx, dg, w_ih, false);
-  gemm(dw_ih, dg.t(), x, false);
-  gemm(dw_hh, dg.t(), previous_h(L, y, h0), false);
+// After the recurrence: dx, dW_ih, dW_hh, db, dW_hr, GEMMs over all steps
+// in T (float accumulation for the half types), as on the CPU.
+template <typename T>
+void backward_end(const Layout& L, BackwardCall& c, const BackwardWork<T>& w, bool has_bias) {
+  constexpr bool same = std::is_same_v<T, at::opmath_type<T>>;
+  const int64_t H = L.s.hidden;
+  const at::Tensor dg = same ? w.dgates : w.dgates.to(c.x.scalar_type());
+  gemm(c.dx, dg, c.w_ih, false);
+  gemm(c.dw_ih, dg.t(), c.x, false);
+  gemm(c.dw_hh, dg.t(), previous_h(L, c.y, c.h0), false);
   if (has_bias) {
     const int64_t dim0[] = {0};
-    if (same) at::sum_out(db, dgates, at::IntArrayRef(dim0));
-    else db.copy_(dgates.sum(0));
+    if (same) at::sum_out(c.db, w.dgates, at::IntArrayRef(dim0));
+    else c.db.copy_(w.dgates.sum(0));
   }
-  if (proj) {
-    const at::Tensor h_pre = gates.narrow(1, 3 * H, H) * at::tanh(cells);
-    gemm(dw_hr, same ? dh.t() : dh.to(x.scalar_type()).t(), h_pre, false);
+  if (c.w_hr.defined()) {
+    const at::Tensor h_pre = c.gates.narrow(1, 3 * H, H) * at::tanh(c.cells);
+    gemm(c.dw_hr, same ? w.dh.t() : w.dh.to(c.x.scalar_type()).t(), h_pre, false);
   }
   if (!same) {
-    dh0.copy_(dh0_acc);
-    dc0.copy_(dc);
+    c.dh0.copy_(w.dh0);
+    c.dc0.copy_(w.dc);
   }
+}
+
+template <typename T>
+void run_backward(const Layout& L, BackwardCall& c, bool has_bias) {
+  const cudaStream_t stream = cuda::current_stream();
+  const cuda::Plan plan = choose_engine<T>(L.s, /*backward=*/true, stream, true);
+  BackwardWork<T> w = backward_begin<T>(L, c, plan.persistent);
+  if constexpr (!std::is_same_v<T, double>) {
+    if (plan.persistent) {
+      const cuda::PersistentBackward<T> p = backward_params<T>(L, c, w);
+      cuda::persistent_backward(&p, plan, stream);
+    }
+  }
+  if (!plan.persistent) backward_steps<T>(L, c, w, stream);
+  backward_end<T>(L, c, w, has_bias);
+}
+
+template <typename T>
+void run_bi_backward(const Layout (&L)[2], BiBackwardCall& c, bool has_bias) {
+  const cudaStream_t stream = cuda::current_stream();
+  const cuda::Plan plan = choose_engine<T>(L[0].s, /*backward=*/true, stream, false, 2);
+  if constexpr (!std::is_same_v<T, double>) {
+    if (plan.persistent) {
+      BackwardWork<T> w[2] = {backward_begin<T>(L[0], c.dir[0], true),
+                              backward_begin<T>(L[1], c.dir[1], true)};
+      const cuda::PersistentBackward<T> p[2] = {backward_params<T>(L[0], c.dir[0], w[0]),
+                                                backward_params<T>(L[1], c.dir[1], w[1])};
+      cuda::persistent_backward(p, plan, stream);
+      for (int d = 0; d < 2; ++d) backward_end<T>(L[d], c.dir[d], w[d], has_bias);
+      return;
+    }
+  }
+  for (int d = 0; d < 2; ++d) run_backward<T>(L[d], c.dir[d], has_bias);
 }
 
 void check_cuda(const at::Tensor& x, const LayerSizes& s) {
@@ -384,10 +484,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
   ForwardCall c = forward_call(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, save);
   const Layout L(s, reverse);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "lstm_fused_layer_forward_cuda", [&] {
-    run_forward<scalar_t>(L, c.x, c.h0, c.c0, c.w_ih, c.w_hh, c.b_ih, c.b_hh, c.w_hr, c.y,
-                          c.h_n, c.c_n, c.gates, c.cells);
-  });
+                                  "lstm_fused_layer_forward_cuda",
+                                  [&] { run_forward<scalar_t>(L, c); });
   return c.outputs();
 }
 
@@ -408,29 +506,80 @@ layer_backward_cuda(const std::optional<at::Tensor>& grad_y,
                                   w_hr, has_bias, y, gates, cells);
   const Layout L(s, reverse);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "lstm_fused_layer_backward_cuda", [&] {
-    run_backward<scalar_t>(L, c.dy, c.dh_n, c.dc_n, c.x, c.h0, c.c0, c.w_ih, c.w_hh, c.w_hr,
-                           c.y, c.gates, c.cells, has_bias, c.dx, c.dh0, c.dc0, c.dw_ih,
-                           c.dw_hh, c.db, c.dw_hr);
-  });
+                                  "lstm_fused_layer_backward_cuda",
+                                  [&] { run_backward<scalar_t>(L, c, has_bias); });
   return c.outputs();
 }
 
-// The cuda_plan op: what layer_forward and layer_backward would run.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilayer_forward_cuda(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
+    const at::Tensor& w_ih_r, const at::Tensor& w_hh_r, const std::optional<at::Tensor>& b_ih_r,
+    const std::optional<at::Tensor>& b_hh_r, const std::optional<at::Tensor>& w_hr_r,
+    const std::optional<at::Tensor>& batch_sizes, bool save) {
+  BiForwardCall c = bi_forward_call(
+      x, h0, c0,
+      {LayerWeights{w_ih, w_hh, b_ih, b_hh, w_hr}, {w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r}},
+      batch_sizes, save);
+  check_cuda(x, c.sizes[0]);
+  const cuda::DeviceGuard device(x.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Layout L[2] = {Layout(c.sizes[0], false), Layout(c.sizes[1], true)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "lstm_fused_bilayer_forward_cuda",
+                                  [&] { run_bi_forward<scalar_t>(L, c); });
+  return c.outputs();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+bilayer_backward_cuda(const std::optional<at::Tensor>& grad_y,
+                      const std::optional<at::Tensor>& grad_h_n,
+                      const std::optional<at::Tensor>& grad_c_n, const at::Tensor& x,
+                      const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                      const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+                      const at::Tensor& w_ih_r, const at::Tensor& w_hh_r,
+                      const std::optional<at::Tensor>& w_hr_r,
+                      const std::optional<at::Tensor>& batch_sizes, bool has_bias,
+                      const at::Tensor& y, const at::Tensor& gates, const at::Tensor& cells) {
+  BiBackwardCall c = bi_backward_call(grad_y, grad_h_n, grad_c_n, x, h0, c0,
+                                      {LayerWeights{w_ih, w_hh, std::nullopt, std::nullopt, w_hr},
+                                       {w_ih_r, w_hh_r, std::nullopt, std::nullopt, w_hr_r}},
+                                      batch_sizes, has_bias, y, gates, cells);
+  check_cuda(x, c.sizes[0]);
+  const cuda::DeviceGuard device(x.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Layout L[2] = {Layout(c.sizes[0], false), Layout(c.sizes[1], true)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "lstm_fused_bilayer_backward_cuda",
+                                  [&] { run_bi_backward<scalar_t>(L, c, has_bias); });
+  return c.outputs();
+}
+
+// The cuda_plan op: what layer_forward and layer_backward (directions 1) or
+// bilayer_forward and bilayer_backward (directions 2: one launch for both, or
+// each direction on its own as layer_forward would) run.
 std::vector<int64_t> cuda_plan(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
                                const at::Tensor& w_ih, const at::Tensor& w_hh,
                                const std::optional<at::Tensor>& w_hr,
-                               const std::optional<at::Tensor>& batch_sizes) {
+                               const std::optional<at::Tensor>& batch_sizes,
+                               int64_t directions) {
   const LayerSizes s = check_layer_args(x, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr,
                                         batch_sizes);
   check_cuda(x, s);
+  TORCH_CHECK(directions == 1 || directions == 2, "lstm_fused: directions must be 1 or 2, got ",
+              directions);
   const cuda::DeviceGuard device(x.device());
   std::vector<int64_t> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "lstm_fused_cuda_plan", [&] {
+    const cudaStream_t stream = cuda::current_stream();
     for (bool backward : {false, true}) {
-      const cuda::Plan p = choose_engine<scalar_t>(s, backward, cuda::current_stream(), false);
-      out.insert(out.end(), {p.persistent, p.blocks, p.units, p.proj_units,
+      cuda::Plan p = choose_engine<scalar_t>(s, backward, stream, false,
+                                             static_cast<int>(directions));
+      if (!p.persistent && directions == 2) p = choose_engine<scalar_t>(s, backward, stream, false);
+      out.insert(out.end(), {p.persistent, p.directions, p.blocks, p.units, p.proj_units,
                              static_cast<int64_t>(p.shared)});
     }
   });
@@ -443,5 +592,7 @@ std::vector<int64_t> cuda_plan(const at::Tensor& x, const at::Tensor& h0, const 
 TORCH_LIBRARY_IMPL(lstm_fused, LSTM_FUSED_DISPATCH_KEY, m) {
   m.impl("layer_forward", &lstm_fused::layer_forward_cuda);
   m.impl("layer_backward", &lstm_fused::layer_backward_cuda);
+  m.impl("bilayer_forward", &lstm_fused::bilayer_forward_cuda);
+  m.impl("bilayer_backward", &lstm_fused::bilayer_backward_cuda);
   m.impl("cuda_plan", &lstm_fused::cuda_plan);
 }

@@ -14,6 +14,10 @@
 //      in shared memory), or dh0 for rows that start at t; with projection a
 //      grid barrier (every block's dh' needs every column), else a block
 //      barrier (without projection a block's columns are its units).
+// A bidirectional layer runs both directions in one launch: the first half
+// of the grid the forward direction, the second the reverse one, each as
+// above on its own weights and outputs; the grid barriers are shared (both
+// directions take the same number of steps).
 // The products of the half types run on tensor cores (wmma, float
 // accumulation; see kTensorCores), the others on CUDA cores in float; every
 // sum has a fixed order, so results are deterministic.
@@ -285,17 +289,19 @@ struct Steps {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    forward_kernel(const PersistentForward<T> p, int u, int up) {
+    forward_kernel(const __grid_constant__ Directions<PersistentForward<T>> d, int u, int up) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // the plan asks for compute capability 8.0 (bfloat16 tensor cores)
 #else
   constexpr bool mma = kTensorCores<T>;
   constexpr int tile = mma ? kTile : kRows;  // batch rows per product
   cg::grid_group grid = cg::this_grid();
+  const int per_direction = gridDim.x / d.count, block = blockIdx.x % per_direction;
+  const PersistentForward<T>& p = d.dir[blockIdx.x / per_direction];
   const int H = p.hidden, P = p.proj, G = 4 * H, N = 4 * u, tid = threadIdx.x;
   const bool proj = p.w_hr != nullptr;
-  const int j0 = blockIdx.x * u, nu = imin(u, H - j0);
-  const int c0 = blockIdx.x * up, np = imin(up, P - c0);  // np <= 0: no columns
+  const int j0 = block * u, nu = imin(u, H - j0);
+  const int c0 = block * up, np = imin(up, P - c0);  // np <= 0: no columns
   const Steps S{p.rows, p.reverse};
   const ForwardSlices slices(H, P, u, up, proj, mma);
   const Shared L = forward_shared(sizeof(T), H, P, u, up, proj, mma);
@@ -372,17 +378,19 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    backward_kernel(const PersistentBackward<T> p, int u, int up) {
+    backward_kernel(const __grid_constant__ Directions<PersistentBackward<T>> d, int u, int up) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // the plan asks for compute capability 8.0 (bfloat16 tensor cores)
 #else
   constexpr bool mma = kTensorCoresBackward<T>;
   constexpr int tile = mma ? kTile : kRows;  // batch rows per product
   cg::grid_group grid = cg::this_grid();
+  const int per_direction = gridDim.x / d.count, block = blockIdx.x % per_direction;
+  const PersistentBackward<T>& p = d.dir[blockIdx.x / per_direction];
   const int H = p.hidden, P = p.proj, G = 4 * H, tid = threadIdx.x;
   const bool proj = p.w_hr != nullptr;
-  const int j0 = blockIdx.x * u, nu = imin(u, H - j0);
-  const int c0 = blockIdx.x * up, np = imin(up, P - c0);
+  const int j0 = block * u, nu = imin(u, H - j0);
+  const int c0 = block * up, np = imin(up, P - c0);
   const Steps S{p.rows, p.reverse};
   const BackwardSlices slices(H, P, u, up, proj, mma);
   const Shared L = backward_shared(sizeof(T), H, P, u, up, proj, mma);
@@ -473,11 +481,12 @@ int resident_per_sm(void (*kernel)(T, int, int), size_t shared) {
 
 // u hidden units per block: at least kMinUnits, at most as many blocks as
 // multiprocessors (one block each: the weight slices fill their shared
-// memory); up projection columns per block.
+// memory), which `directions` share equally; up projection columns per block.
 template <typename Params, typename Layout>
-Plan plan(int H, int P, bool proj, size_t t_size, Layout layout,
+Plan plan(int H, int P, bool proj, int directions, size_t t_size, Layout layout,
           void (*kernel)(Params, int, int)) {
   Plan plan;
+  plan.directions = directions;
   int device = 0, cooperative = 0, sms = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device) != cudaSuccess ||
@@ -490,8 +499,9 @@ Plan plan(int H, int P, bool proj, size_t t_size, Layout layout,
     plan.why = "the device has no cooperative launch";
     return plan;
   }
-  const int u = std::max(kMinUnits, (H + sms - 1) / sms);
-  const int blocks = (H + u - 1) / u;
+  const int sms_each = std::max(1, sms / directions);
+  const int u = std::max(kMinUnits, (H + sms_each - 1) / sms_each);
+  const int blocks = (H + u - 1) / u;  // per direction
   const int up = proj ? (P + blocks - 1) / blocks : u;
   if (4 * u > kThreads || up > kThreads) {
     plan.why = "more hidden units per block than the kernels' threads";
@@ -512,12 +522,12 @@ Plan plan(int H, int P, bool proj, size_t t_size, Layout layout,
     plan.why = "the recurrent weights do not fit in shared memory";
     return plan;
   }
-  if (static_cast<long long>(resident_per_sm(kernel, shared)) * sms < blocks) {
+  if (static_cast<long long>(resident_per_sm(kernel, shared)) * sms < blocks * directions) {
     plan.why = "the grid cannot be resident at once";
     return plan;
   }
   plan.persistent = true;
-  plan.blocks = blocks;
+  plan.blocks = blocks * directions;
   plan.units = u;
   plan.proj_units = up;
   plan.shared = shared;
@@ -527,21 +537,21 @@ Plan plan(int H, int P, bool proj, size_t t_size, Layout layout,
 }  // namespace
 
 template <typename T>
-Plan plan_forward(int hidden, int proj_size) {
+Plan plan_forward(int hidden, int proj_size, int directions) {
   const bool proj = proj_size != hidden;
   auto shared = [](size_t t_size, int H, int P, int u, int up, bool proj) {
     return forward_shared(t_size, H, P, u, up, proj, kTensorCores<T>);
   };
-  return plan(hidden, proj_size, proj, sizeof(T), shared, &forward_kernel<T>);
+  return plan(hidden, proj_size, proj, directions, sizeof(T), shared, &forward_kernel<T>);
 }
 
 template <typename T>
-Plan plan_backward(int hidden, int proj_size) {
+Plan plan_backward(int hidden, int proj_size, int directions) {
   const bool proj = proj_size != hidden;
   auto shared = [](size_t t_size, int H, int P, int u, int up, bool proj) {
     return backward_shared(t_size, H, P, u, up, proj, kTensorCoresBackward<T>);
   };
-  return plan(hidden, proj_size, proj, sizeof(T), shared, &backward_kernel<T>);
+  return plan(hidden, proj_size, proj, directions, sizeof(T), shared, &backward_kernel<T>);
 }
 
 // The kernel's dynamic shared memory limit raised to the plan's (the
@@ -552,25 +562,30 @@ void allow_shared(K* kernel, const Plan& plan) {
                                       static_cast<int>(plan.shared)));
 }
 
+// One launch for the plan's directions: dirs[0..plan.directions).
 template <typename T>
-void persistent_forward(const PersistentForward<T>& p, const Plan& plan, cudaStream_t stream) {
+void persistent_forward(const PersistentForward<T>* dirs, const Plan& plan, cudaStream_t stream) {
   allow_shared(&forward_kernel<T>, plan);
+  const Directions<PersistentForward<T>> d{{dirs[0], dirs[plan.directions - 1]}, plan.directions};
   launch<kThreads>(&forward_kernel<T>, dim3(plan.blocks), dim3(kThreads), plan.shared, stream,
-                   true, p, plan.units, plan.proj_units);
+                   true, d, plan.units, plan.proj_units);
 }
 
 template <typename T>
-void persistent_backward(const PersistentBackward<T>& p, const Plan& plan, cudaStream_t stream) {
+void persistent_backward(const PersistentBackward<T>* dirs, const Plan& plan,
+                         cudaStream_t stream) {
   allow_shared(&backward_kernel<T>, plan);
+  const Directions<PersistentBackward<T>> d{{dirs[0], dirs[plan.directions - 1]},
+                                            plan.directions};
   launch<kThreads>(&backward_kernel<T>, dim3(plan.blocks), dim3(kThreads), plan.shared, stream,
-                   true, p, plan.units, plan.proj_units);
+                   true, d, plan.units, plan.proj_units);
 }
 
 #define LSTM_FUSED_INSTANTIATE(T)                                                            \
-  template Plan plan_forward<T>(int, int);                                                   \
-  template Plan plan_backward<T>(int, int);                                                  \
-  template void persistent_forward<T>(const PersistentForward<T>&, const Plan&, cudaStream_t); \
-  template void persistent_backward<T>(const PersistentBackward<T>&, const Plan&, cudaStream_t);
+  template Plan plan_forward<T>(int, int, int);                                              \
+  template Plan plan_backward<T>(int, int, int);                                             \
+  template void persistent_forward<T>(const PersistentForward<T>*, const Plan&, cudaStream_t); \
+  template void persistent_backward<T>(const PersistentBackward<T>*, const Plan&, cudaStream_t);
 LSTM_FUSED_INSTANTIATE(float)
 LSTM_FUSED_INSTANTIATE(c10::Half)
 LSTM_FUSED_INSTANTIATE(c10::BFloat16)
