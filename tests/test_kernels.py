@@ -67,11 +67,13 @@ def test_packed_tiles_match_nn(dtype, two_threads):
 
 
 @pytest.mark.parametrize("dtype", [F64, F32], ids=str)
-def test_backward_spans_match_nn(dtype, two_threads):
+@pytest.mark.parametrize("I", [32, 800], ids=["dx_per_step", "dx_per_span"])
+def test_backward_spans_match_nn(dtype, I, two_threads):
     """Backward in spans of 8 MB of gate gradients (weight gradients summed span by
-    span): several spans in both directions, with variable lengths."""
-    ref, ours = pair(32, 256, dtype, bidirectional=True)
-    x = torch.randn(40, 64, 32, dtype=dtype)
+    span): several spans in both directions, with variable lengths. With
+    I = 800, W_ih and W_hh exceed 4 MB: dx is one product per span."""
+    ref, ours = pair(I, 256, dtype, bidirectional=True)
+    x = torch.randn(40, 64, I, dtype=dtype)
     lengths = torch.randint(20, 41, (64,), generator=torch.Generator().manual_seed(5))
     lengths[3] = 40
     hx = _hx(ours, 64, dtype)
