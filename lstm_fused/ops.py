@@ -389,6 +389,11 @@ def _onnx_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
     return y.view(-1, hidden), h_n[0], c_n[0]
 
 
+def _transformed():
+    """Under torch.func's transforms (grad, vmap, jvp...) or forward-mode AD."""
+    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+
+
 def layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, batch_sizes=None,
           reverse=False):
     """One LSTM layer in one direction: returns (y, h_n, c_n).
@@ -399,9 +404,7 @@ def layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, batch_sizes=No
     if export_mode() == "onnx":
         return _onnx_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
     args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
-    if not torch.compiler.is_compiling() and (
-            torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0):
-        # torch.func's transforms (grad, vmap, jvp...), or forward-mode AD.
+    if not torch.compiler.is_compiling() and _transformed():
         y, h_n, c_n, _, _ = _Layer.apply(*args, torch.is_grad_enabled())
     elif not torch.is_grad_enabled():
         # Inference keeps nothing for backward.
@@ -428,9 +431,7 @@ def pairs(x):
     devices above, in eager autograd or inference (torch.func, forward-mode
     AD, compile and export run the directions as layers)."""
     return (x.device.type in PAIR_DEVICES and export_mode() is None
-            and not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active()
-            and forward_ad._current_level < 0)
+            and not torch.compiler.is_compiling() and not _transformed())
 
 
 def bilayer(x, h0, c0, forward_weights, reverse_weights, batch_sizes=None):

@@ -617,7 +617,7 @@ struct Backward {
   const BackwardArgs<T>& a;
   T *dh_all, *dhp, *phh, *pwih, *dgs, *pxh, *apack;
   int64_t N, B, I, H, P, G, chunks, pchunks, ichunks, span, rows;
-  bool proj, packed, dx_span;
+  bool proj, packed;
 
   // Whether W_hh and W_ih are packed into panels: only when enough rows reuse
   // them (a short call reads them in place, once).
@@ -630,16 +630,6 @@ struct Backward {
     return imax(1, imin(d.steps, (int64_t(8) << 20) / imax(1, bytes)));
   }
   static int64_t span_rows(const LayerDims& d) { return imin(d.rows, span_steps(d) * d.batch); }
-  // Where dx = dgates W_ih runs: per step, beside dh_{t-1} = dgates W_hh,
-  // while the step's gate gradients are in cache; or, where W_hh and W_ih
-  // together would not stay in the cache from one step to the next (each
-  // step would stream them from memory), over a whole span, W_ih read once.
-  // (Measured on Zen 4, 2 threads, float32, backward: at H = 1024 per span
-  // 5-8% faster on AVX2 and AVX-512; at H = 512 (8 MB) about the same; at
-  // H = 256 per step is better.)
-  static bool dx_per_span(const LayerDims& d) {
-    return 4 * d.hidden * (d.input + d.proj) * int64_t(sizeof(T)) > (int64_t(4) << 20);
-  }
 
   // Workspace: dh before the projection [B, H]; panels of W_hh's columns
   // (for dh) and of W_ih's (for dx), if packed; a span's gate gradients and
@@ -660,7 +650,6 @@ struct Backward {
     rows = span_rows(d);
     proj = a.w_hr != nullptr;
     packed = pack_w(d);
-    dx_span = dx_per_span(d);
     dhp = work;
     phh = dhp + (proj ? B * H : 0);
     pwih = phh + (packed ? pchunks * G * NR : 0);
@@ -717,18 +706,6 @@ struct Backward {
       return Panel<T>{b, NR, a.dw_hh + c * NR, P, imin(NR, P - c * NR), nullptr};
     };
     gemm_blocks<V>(nt, tid, G, n, cols, ic + pchunks, dw, ablk, add);
-  }
-
-  // dx = dgates W_ih over the span's n rows from r_lo.
-  void input_gradient(int nt, int tid, int64_t r_lo, int64_t n) {
-    const auto rows_of = [&](int64_t m0, int64_t m1, int64_t k0, int64_t kc, T* buf) {
-      pack_a(m0, m1, dgs, G, 1, k0, kc, buf);
-    };
-    const auto dx = [&](int64_t p) {
-      return Panel<T>{packed ? pwih + p * G * NR : a.w_ih + p * NR, packed ? NR : I,
-                      a.dx + r_lo * I + p * NR, I, imin(NR, I - p * NR), nullptr};
-    };
-    gemm_blocks<V>(nt, tid, n, G, rows_of, ichunks, dx, apack + tid * kMC * kKC);
   }
 
   int64_t step_at(int64_t k) const { return d.reverse ? d.steps - 1 - k : k; }
@@ -837,7 +814,7 @@ struct Backward {
           const T* w = w_hh_panel(c, &ldb);
           gemm_rows<V>(0, n, G, dg, G, w, ldb, dh + c * NR, P, imin(NR, P - c * NR), kStore);
         }
-        for (int64_t c = imine.begin; c < imine.end && !dx_span; ++c) {
+        for (int64_t c = imine.begin; c < imine.end; ++c) {
           const T* w = packed ? pwih + c * G * NR : a.w_ih + c * NR;
           gemm_rows<V>(0, n, G, dg, G, w, packed ? NR : I, a.dx + r0 * I + c * NR, I,
                        imin(NR, I - c * NR), kStore);
@@ -845,7 +822,6 @@ struct Backward {
       }
       // The span's gate gradients are complete (every thread has passed the
       // barrier of its last step); the next span overwrites them.
-      if (dx_span) input_gradient(nt, tid, r_lo, r_hi - r_lo);
       weight_gradients(nt, tid, r_hi - r_lo, si > 0);
 #pragma omp barrier
     }

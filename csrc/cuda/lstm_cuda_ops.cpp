@@ -176,7 +176,6 @@ void gather_h_n(const Layout& L, const at::Tensor& y, at::Tensor& h_n) {
 // One direction of a forward call on the device: its workspaces (the input
 // projection, the summed bias, the running cell, the projection's h before
 // it) and, for the persistent kernels, its step offsets.
-template <typename T>
 struct ForwardWork {
   at::Tensor xg, bias, c_state, h_pre, offsets;
 };
@@ -184,7 +183,7 @@ struct ForwardWork {
 // What both engines start from: x W_ih^T of all steps (in place in `gates`
 // when T computes in T), the bias, c0.
 template <typename T>
-ForwardWork<T> forward_begin(const Layout& L, ForwardCall& c, bool persistent) {
+ForwardWork forward_begin(const Layout& L, ForwardCall& c, bool persistent) {
   using A = at::opmath_type<T>;
   constexpr bool same = std::is_same_v<T, A>;
   const LayerSizes& s = L.s;
@@ -194,7 +193,7 @@ ForwardWork<T> forward_begin(const Layout& L, ForwardCall& c, bool persistent) {
     c.gates = at::empty({N, G}, c.x.options());
     c.cells = at::empty({N, H}, c.x.options());
   }
-  ForwardWork<T> w;
+  ForwardWork w;
   w.xg = same && c.gates.defined() ? c.gates : at::empty({N, G}, acc);
   gemm(w.xg, c.x, c.w_ih.t(), false);
   if (c.b_ih.defined() || c.b_hh.defined()) {
@@ -211,7 +210,7 @@ ForwardWork<T> forward_begin(const Layout& L, ForwardCall& c, bool persistent) {
 
 template <typename T>
 cuda::PersistentForward<T> forward_params(const Layout& L, const ForwardCall& c,
-                                          const ForwardWork<T>& w) {
+                                          const ForwardWork& w) {
   using A = at::opmath_type<T>;
   const LayerSizes& s = L.s;
   return {ptr<T>(c.w_hh), ptr<T>(c.w_hr), ptr<A>(w.xg), ptr<A>(w.bias), ptr<T>(c.h0),
@@ -222,7 +221,7 @@ cuda::PersistentForward<T> forward_params(const Layout& L, const ForwardCall& c,
 
 // The per-step engine: a kernel (and with projection a GEMM) per step.
 template <typename T>
-void forward_steps(const Layout& L, ForwardCall& c, ForwardWork<T>& w, cudaStream_t stream) {
+void forward_steps(const Layout& L, ForwardCall& c, ForwardWork& w, cudaStream_t stream) {
   using A = at::opmath_type<T>;
   const LayerSizes& s = L.s;
   const int64_t H = s.hidden, P = s.proj, G = 4 * H;
@@ -251,7 +250,7 @@ void forward_steps(const Layout& L, ForwardCall& c, ForwardWork<T>& w, cudaStrea
 }
 
 template <typename T>
-void forward_end(const Layout& L, ForwardCall& c, const ForwardWork<T>& w) {
+void forward_end(const Layout& L, ForwardCall& c, const ForwardWork& w) {
   if (!std::is_same_v<T, at::opmath_type<T>>) c.c_n.copy_(w.c_state);
   gather_h_n(L, c.y, c.h_n);
 }
@@ -261,7 +260,7 @@ template <typename T>
 void run_forward(const Layout& L, ForwardCall& c) {
   const cudaStream_t stream = cuda::current_stream();
   const cuda::Plan plan = choose_engine<T>(L.s, /*backward=*/false, stream, true);
-  ForwardWork<T> w = forward_begin<T>(L, c, plan.persistent);
+  ForwardWork w = forward_begin<T>(L, c, plan.persistent);
   if constexpr (!std::is_same_v<T, double>) {
     if (plan.persistent) {
       const cuda::PersistentForward<T> p = forward_params<T>(L, c, w);
@@ -280,7 +279,7 @@ void run_bi_forward(const Layout (&L)[2], BiForwardCall& c) {
   const cuda::Plan plan = choose_engine<T>(L[0].s, /*backward=*/false, stream, false, 2);
   if constexpr (!std::is_same_v<T, double>) {
     if (plan.persistent) {
-      ForwardWork<T> w[2] = {forward_begin<T>(L[0], c.dir[0], true),
+      ForwardWork w[2] = {forward_begin<T>(L[0], c.dir[0], true),
                              forward_begin<T>(L[1], c.dir[1], true)};
       const cuda::PersistentForward<T> p[2] = {forward_params<T>(L[0], c.dir[0], w[0]),
                                                forward_params<T>(L[1], c.dir[1], w[1])};
@@ -325,19 +324,18 @@ at::Tensor previous_h(const Layout& L, const at::Tensor& y, const at::Tensor& h0
 // every step's h (after projection: grad_y, plus grad_h_n at each row's last
 // step, plus, added by the kernels, the recurrent part), the running dc (it
 // ends as dc0), dh0 and the gate gradients, in A.
-template <typename T>
 struct BackwardWork {
   at::Tensor dh, dc, dh0, dgates, offsets;
 };
 
 template <typename T>
-BackwardWork<T> backward_begin(const Layout& L, const BackwardCall& c, bool persistent) {
+BackwardWork backward_begin(const Layout& L, const BackwardCall& c, bool persistent) {
   using A = at::opmath_type<T>;
   constexpr bool same = std::is_same_v<T, A>;
   const LayerSizes& s = L.s;
   const int64_t N = s.rows, B = s.batch, H = s.hidden, P = s.proj, G = 4 * H;
   const auto acc = c.x.options().dtype(c10::CppTypeToScalarType<A>::value);
-  BackwardWork<T> w;
+  BackwardWork w;
   w.dh = at::empty({N, P}, acc);
   if (c.dy.defined()) w.dh.copy_(c.dy);
   else w.dh.zero_();
@@ -359,7 +357,7 @@ BackwardWork<T> backward_begin(const Layout& L, const BackwardCall& c, bool pers
 
 template <typename T>
 cuda::PersistentBackward<T> backward_params(const Layout& L, const BackwardCall& c,
-                                            const BackwardWork<T>& w) {
+                                            const BackwardWork& w) {
   using A = at::opmath_type<T>;
   const LayerSizes& s = L.s;
   return {ptr<T>(c.w_hh), ptr<T>(c.w_hr), ptr<T>(c.gates), ptr<T>(c.cells), ptr<T>(c.c0),
@@ -371,7 +369,7 @@ cuda::PersistentBackward<T> backward_params(const Layout& L, const BackwardCall&
 // The per-step engine: per step a kernel (dh' = dh W_hr, cell_backward) and
 // a GEMM dh_{t-1} += dG_t W_hh.
 template <typename T>
-void backward_steps(const Layout& L, const BackwardCall& c, BackwardWork<T>& w,
+void backward_steps(const Layout& L, const BackwardCall& c, BackwardWork& w,
                     cudaStream_t stream) {
   using A = at::opmath_type<T>;
   const LayerSizes& s = L.s;
@@ -407,7 +405,7 @@ void backward_steps(const Layout& L, const BackwardCall& c, BackwardWork<T>& w,
 // After the recurrence: dx, dW_ih, dW_hh, db, dW_hr, GEMMs over all steps
 // in T (float accumulation for the half types), as on the CPU.
 template <typename T>
-void backward_end(const Layout& L, BackwardCall& c, const BackwardWork<T>& w, bool has_bias) {
+void backward_end(const Layout& L, BackwardCall& c, const BackwardWork& w, bool has_bias) {
   constexpr bool same = std::is_same_v<T, at::opmath_type<T>>;
   const int64_t H = L.s.hidden;
   const at::Tensor dg = same ? w.dgates : w.dgates.to(c.x.scalar_type());
@@ -433,7 +431,7 @@ template <typename T>
 void run_backward(const Layout& L, BackwardCall& c, bool has_bias) {
   const cudaStream_t stream = cuda::current_stream();
   const cuda::Plan plan = choose_engine<T>(L.s, /*backward=*/true, stream, true);
-  BackwardWork<T> w = backward_begin<T>(L, c, plan.persistent);
+  BackwardWork w = backward_begin<T>(L, c, plan.persistent);
   if constexpr (!std::is_same_v<T, double>) {
     if (plan.persistent) {
       const cuda::PersistentBackward<T> p = backward_params<T>(L, c, w);
@@ -450,7 +448,7 @@ void run_bi_backward(const Layout (&L)[2], BiBackwardCall& c, bool has_bias) {
   const cuda::Plan plan = choose_engine<T>(L[0].s, /*backward=*/true, stream, false, 2);
   if constexpr (!std::is_same_v<T, double>) {
     if (plan.persistent) {
-      BackwardWork<T> w[2] = {backward_begin<T>(L[0], c.dir[0], true),
+      BackwardWork w[2] = {backward_begin<T>(L[0], c.dir[0], true),
                               backward_begin<T>(L[1], c.dir[1], true)};
       const cuda::PersistentBackward<T> p[2] = {backward_params<T>(L[0], c.dir[0], w[0]),
                                                 backward_params<T>(L[1], c.dir[1], w[1])};
