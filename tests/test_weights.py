@@ -204,3 +204,53 @@ def test_conversion_with_swap_on():
         torch.__future__.set_swap_module_params_on_conversion(False)
     assert ours.weight_hh_l0.dtype == DT
     compare(run(ref, x, None), run(ours, x, None), DT)
+
+
+class _Scaled(nn.Module):
+    """A parametrization: the weight times a learnable scalar."""
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.7, dtype=DT))
+
+    def forward(self, w):
+        return w * self.scale
+
+
+@pytest.mark.parametrize("cfg", CFGS, ids=cfg_id)
+def test_parametrizations(cfg):
+    """torch.nn.utils.parametrize on recurrent and input weights (a learnable
+    scale; weight norm): computed from the parametrization at every call,
+    gradients reach its parameters."""
+    from torch.nn.utils import parametrizations, parametrize
+    ref, ours = pair(4, 5, DT, **cfg)
+    x = inputs(cfg)
+    found = []
+    for m in (ref, ours):
+        parametrize.register_parametrization(m, "weight_hh_l0", _Scaled())
+        parametrizations.weight_norm(m, "weight_ih_l0")
+        m(x)  # the flat weight list is taken before the parametrization changes
+        with torch.no_grad():
+            m.parametrizations.weight_hh_l0[0].scale.fill_(0.4)
+        out, (h, c) = m(x)
+        (out.square().sum() + h.sum() + c.sin().sum()).backward()
+        found.append([out.detach(), h.detach(), c.detach()] +
+                     [p.grad.clone() for p in m.parameters()])
+    assert len(found[1]) == len(found[0]) > 3
+    compare(found[0], found[1], DT)
+    # The parametrized weight changed the result: the test can fail.
+    plain = pair(4, 5, DT, **cfg)[1]
+    assert (plain(x)[1][0] - found[1][1]).abs().max() > 1e-3
+
+
+def test_load_state_dict_with_assign():
+    """load_state_dict(assign=True) puts the given tensors in place of the
+    parameters: the next call computes with them."""
+    ref, ours = pair(4, 5, DT, num_layers=2, bidirectional=True, proj_size=3)
+    x = inputs({})
+    g = torch.Generator().manual_seed(11)
+    state = {k: torch.randn(v.shape, generator=g, dtype=DT) for k, v in ref.state_dict().items()}
+    for m in (ref, ours):
+        m(x)
+        m.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)
+    assert torch.equal(ours.weight_hh_l1_reverse, state["weight_hh_l1_reverse"])
+    compare(run(ref, x, None), run(ours, x, None), DT)
