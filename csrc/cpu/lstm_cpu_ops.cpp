@@ -93,7 +93,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilayer_f
     const std::optional<at::Tensor>& b_hh_r, const std::optional<at::Tensor>& w_hr_r,
     const std::optional<at::Tensor>& batch_sizes, bool save) {
   const BiForwardCall c = bi_forward_call(
-      x, h0, c0, {LayerWeights{w_ih, w_hh, b_ih, b_hh, w_hr}, {w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r}},
+      x, h0, c0,
+      {LayerWeights{w_ih, w_hh, b_ih, b_hh, w_hr}, {w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r}},
       batch_sizes, save);
   check_cpu_dtype(x);
   for (int d = 0; d < 2; ++d) run_forward(c.sizes[d], c.dir[d], d == 1);
