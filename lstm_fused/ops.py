@@ -66,6 +66,15 @@ def _setup_context(ctx, inputs, output):
     ctx.reverse = reverse
     ctx.bias = (b_ih is not None, b_hh is not None)
     ctx.mark_non_differentiable(gates, cells)
+    # No zeros for the gradients no one gave (the saved gates' and cells' are
+    # tens of MB): the ops take None.
+    ctx.set_materialize_grads(False)
+
+
+def _zeros_for_none(grads, like):
+    """The output gradients with zeros for those not given, for the
+    differentiable (plain torch) backward, which takes no None."""
+    return tuple(g if g is not None else torch.zeros_like(t) for g, t in zip(grads, like))
 
 
 def _backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
@@ -76,7 +85,7 @@ def _backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
         # create_graph=True, or torch.func (whose grad and vjp always run
         # backward so): the same op, its result differentiable.
         dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = _Backward.apply(
-            *grads, *inputs, ctx.reverse, y, gates, cells)
+            *_zeros_for_none(grads, (y, h0, c0)), *inputs, ctx.reverse, y, gates, cells)
     else:
         dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = _ops.layer_backward(
             *grads, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, ctx.reverse, any(ctx.bias),
@@ -133,6 +142,7 @@ def _bi_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, h0, c0, *weights, inputs[13], y, gates, cells)
     ctx.bias = [(w[2] is not None, w[3] is not None) for w in _directions(weights)]
     ctx.mark_non_differentiable(gates, cells)
+    ctx.set_materialize_grads(False)
 
 
 def _bi_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
@@ -144,6 +154,7 @@ def _bi_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
         # create_graph=True: each direction through layer_backward's
         # differentiable form (_Backward), as layer_forward's backward does.
         proj = h0.shape[2]
+        grad_y, grad_h_n, grad_c_n = _zeros_for_none((grad_y, grad_h_n, grad_c_n), (y, h0, c0))
 
         def part(t, d, cols=False):
             if t is None:

@@ -107,6 +107,70 @@ def test_gradient_penalty_matches_nn_lstm():
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
 
 
+# Losses on part of the outputs: the backward gets None for the others (no
+# zeros are made for them) and must give nn.LSTM's gradients.
+PARTS = {
+    "last-h": lambda out, h, c: h[-1].pow(2).sum(),  # a classifier on h_n
+    "c-only": lambda out, h, c: c.sin().sum(),
+    "out-only": lambda out, h, c: out.pow(2).sum(),
+    "h-and-out": lambda out, h, c: h.sum() + out[-1].sum(),
+}
+
+
+@pytest.mark.parametrize("part", PARTS, ids=list(PARTS))
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_loss_on_part_of_the_outputs(part, bidirectional):
+    ref, ours = pair(3, 4, torch.float64, num_layers=2, bidirectional=bidirectional)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    found = []
+    for m in (ref, ours):
+        xi = x.clone().requires_grad_()
+        loss = PARTS[part](*(lambda o, hc: (o, *hc))(*m(xi)))
+        found.append(torch.autograd.grad(loss, [xi, *m.parameters()]))
+    for a, b in zip(*found):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("part", ["last-h", "c-only"])
+def test_double_backward_on_part_of_the_outputs(part):
+    """create_graph=True with some output gradients absent (zeros stand in
+    for them in the differentiable backward)."""
+    ref, ours = pair(3, 4, torch.float64, num_layers=2, bidirectional=True)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    found = []
+    for m in (ref, ours):
+        xi = x.clone().requires_grad_()
+        loss = PARTS[part](*(lambda o, hc: (o, *hc))(*m(xi)))
+        (dx,) = torch.autograd.grad(loss, xi, create_graph=True)
+        found.append(torch.autograd.grad(dx.pow(2).sum(), list(m.parameters())))
+    for a, b in zip(*found):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
+
+
+def test_absent_output_gradients_reach_the_op_as_none(monkeypatch):
+    """A loss on h_n alone: the op gets None for y's gradient, and None for
+    the saved gates' and cells' (no tensors of zeros are made for them)."""
+    seen = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(torch.ops.lstm_fused, name)
+
+        def layer_backward(self, *args):
+            seen.append([a is None for a in args[:3]])
+            return torch.ops.lstm_fused.layer_backward(*args)
+
+    monkeypatch.setattr(ops, "_ops", Spy())
+    ref, ours = pair(3, 4, torch.float64)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    _, (h_n, _) = ours(x)
+    h_n.sum().backward()
+    assert seen == [[True, False, True]]
+    ref(x)[1][0].sum().backward()
+    for p, q in zip(ref.parameters(), ours.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-10)
+
+
 def test_first_order_backward_is_fused(monkeypatch):
     """Only create_graph=True recomputes through the reference."""
     def fail(*args, **kwargs):

@@ -203,6 +203,36 @@ def test_module_inference_and_double_backward(pair_on_cpu):
         torch.testing.assert_close(o, e, rtol=1e-10, atol=1e-10)
 
 
+PARTS = {
+    "last-h": lambda out, h, c: h[-1].pow(2).sum(),  # a classifier on h_n
+    "c-only": lambda out, h, c: c.sin().sum(),
+    "out-only": lambda out, h, c: out.pow(2).sum(),
+}
+
+
+@pytest.mark.parametrize("part", PARTS, ids=list(PARTS))
+@pytest.mark.parametrize("create_graph", [False, True], ids=["first", "double"])
+def test_loss_on_part_of_the_outputs(pair_on_cpu, part, create_graph):
+    """The backward gets None for the outputs the loss leaves out."""
+    torch.manual_seed(0)
+    ref = nn.LSTM(4, 5, 2, bidirectional=True).double()
+    ours = lstm_fused.LSTM(4, 5, 2, bidirectional=True).double()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 2, 4, dtype=DT)
+    found = []
+    for m in (ref, ours):
+        xl = x.clone().requires_grad_()
+        out, (h_n, c_n) = m(xl)
+        grads = torch.autograd.grad(PARTS[part](out, h_n, c_n), [xl, *m.parameters()],
+                                    create_graph=create_graph)
+        if create_graph:
+            grads = torch.autograd.grad(grads[0].pow(2).sum(), list(m.parameters()))
+        found.append(grads)
+    assert len(pair_on_cpu) == 2
+    for e, o in zip(*found):
+        torch.testing.assert_close(o, e, rtol=1e-10, atol=1e-10)
+
+
 def test_transforms_and_compile_run_the_directions_as_layers(pair_on_cpu):
     """torch.func and compile go through `layer` (whose transforms and fake
     impls they use); eager calls through bilayer."""
