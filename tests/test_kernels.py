@@ -1,6 +1,6 @@
 """The CPU kernel paths at sizes that cross their tiles: register tiles of 6
 rows and 16 units with AVX2 or 32 with AVX-512 (half for float64), row blocks
-of 96, K blocks of 128 and 256, batch 1 (W read in place), one-step calls
+of 96, K blocks of 256, batch 1 (W read in place), one-step calls
 (batch in vector lanes), short calls whose backward reads W in place and long
 ones that pack it, backward in several spans of steps, two threads, the inference path that keeps nothing for
 backward; and, in subprocesses, the lower instruction sets this processor can
@@ -29,7 +29,7 @@ SHAPES = [
     (4, 33, 290, 100, {"num_layers": 2}),      # K blocks of 256 and a tail
     (2, 97, 20, 16, {}),                       # two row blocks of 96 rows
     (5, 8, 16, 130, {"proj_size": 33, "bias": False}),
-    (6, 14, 140, 70, {}),                      # AVX-512: chunks 32+32+6, K 128+12
+    (6, 14, 140, 70, {}),                      # AVX-512: chunks 32+32+6
 ]
 
 
