@@ -125,15 +125,64 @@ inline void tile_mr(int mr, int64_t K, const T* A, int64_t lda, const T* B, int6
   }
 }
 
+// Eight float columns [k, k + n) (n <= 8) of a register tile's mr <= 6 rows
+// of row-major A (row r at src + r*rs) to out[j*mr + r], j < n: an 8x8
+// transpose (rows past mr read as zero), each column stored as 8 lanes that
+// the next columns' stores overwrite past mr, but for the columns within 8
+// of the end of the tile's block (`room` values from out): mr lanes.
+inline void pack_cols8(const float* src, int64_t rs, int mr, int64_t n, int64_t room,
+                       float* out) {
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i kmask = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), idx);
+  __m256 r[8];
+  for (int i = 0; i < 8; ++i)
+    r[i] = i >= mr ? _mm256_setzero_ps()
+                   : n == 8 ? _mm256_loadu_ps(src + i * rs)
+                            : _mm256_maskload_ps(src + i * rs, kmask);
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);      // columns 0,1 | 4,5 of rows i, i+1
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);  // columns 2,3 | 6,7
+  }
+  for (int h = 0; h < 8; h += 4) {  // rows 0-3, then 4-7
+    u[h] = _mm256_shuffle_ps(t[h], t[h + 2], 0x44);      // column 0 | 4
+    u[h + 1] = _mm256_shuffle_ps(t[h], t[h + 2], 0xEE);  // column 1 | 5
+    u[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0x44);  // column 2 | 6
+    u[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0xEE);  // column 3 | 7
+  }
+  __m256 col[8];
+  for (int j = 0; j < 4; ++j) {
+    col[j] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x20);
+    col[j + 4] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x31);
+  }
+  const __m256i rmask = _mm256_cmpgt_epi32(_mm256_set1_epi32(mr), idx);
+  for (int64_t j = 0; j < n; ++j) {
+    if (j * mr + 8 <= room) _mm256_storeu_ps(out + j * mr, col[j]);
+    else _mm256_maskstore_ps(out + j * mr, rmask, col[j]);
+  }
+}
+
 // Rows [b0, b1) and columns [k0, k0 + kc) of A, element (i, k) at
 // A[i*rs + k*cs] (rs = lda, cs = 1 for row-major A; rs = 1, cs = lda for A
 // stored transposed), as the packed micro-panels of the tiles tile_rows
-// makes of them, one after another.
+// makes of them, one after another. Row-major float A: eight columns at a
+// time (pack_cols8), the copy the forward makes of x and h_{t-1}.
 template <typename T>
 void pack_a(int64_t b0, int64_t b1, const T* A, int64_t rs, int64_t cs, int64_t k0,
             int64_t kc, T* out) {
   for (int64_t b = b0; b < b1;) {
     const int mr = tile_rows(b1 - b);
+    if constexpr (sizeof(T) == sizeof(float)) {
+      if (cs == 1) {
+        for (int64_t k = 0; k < kc; k += 8) {
+          const int64_t n = imin(8, kc - k);
+          pack_cols8(A + b * rs + k0 + k, rs, mr, n, (kc - k) * mr, out + k * mr);
+        }
+        out += mr * kc;
+        b += mr;
+        continue;
+      }
+    }
     for (int64_t k = 0; k < kc; ++k) {
       const T* src = A + b * rs + (k0 + k) * cs;
       for (int r = 0; r < mr; ++r) out[k * mr + r] = src[r * rs];
