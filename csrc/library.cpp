@@ -13,12 +13,14 @@ TORCH_LIBRARY(lstm_fused, m) {
       "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse, "
       "bool save=True) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Returns dx, dh0, dc0, dw_ih, dw_hh, db (empty without bias; the gradient
-  // of b_ih and b_hh alike) and dw_hr (empty without projection).
+  // Returns dx ([0, input] with input_grad false: not computed), dh0, dc0,
+  // dw_ih, dw_hh, db (empty without bias; the gradient of b_ih and b_hh
+  // alike) and dw_hr (empty without projection).
   m.def(
       "layer_backward(Tensor? grad_y, Tensor? grad_h_n, Tensor? grad_c_n, Tensor x, "
       "Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, "
-      "bool reverse, bool has_bias, Tensor y, Tensor gates, Tensor cells) "
+      "bool reverse, bool has_bias, Tensor y, Tensor gates, Tensor cells, "
+      "bool input_grad=True) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Both directions of a bidirectional layer in one call (on CUDA, one
   // persistent launch where both fit): the same as layer_forward on the

@@ -136,8 +136,9 @@ BackwardCall backward_call(const LayerSizes& s, const std::optional<at::Tensor>&
                            const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
                            const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
                            bool has_bias, const at::Tensor& y, const at::Tensor& gates,
-                           const at::Tensor& cells) {
+                           const at::Tensor& cells, bool input_grad) {
   BackwardCall c;
+  c.input_grad = input_grad;
   c.x = x.contiguous();
   c.h0 = h0.contiguous();
   c.c0 = c0.contiguous();
@@ -150,7 +151,7 @@ BackwardCall backward_call(const LayerSizes& s, const std::optional<at::Tensor>&
   c.dy = check_like(grad_y, {s.rows, s.proj}, x, "grad_y");
   c.dh_n = check_like(grad_h_n, {s.batch, s.proj}, x, "grad_h_n");
   c.dc_n = check_like(grad_c_n, {s.batch, s.hidden}, x, "grad_c_n");
-  c.dx = at::empty_like(c.x);
+  c.dx = input_grad ? at::empty_like(c.x) : x.new_empty({0, s.input});
   c.dh0 = at::empty_like(c.h0);
   c.dc0 = at::empty_like(c.c0);
   c.dw_ih = at::empty_like(c.w_ih);

@@ -55,6 +55,7 @@ ForwardCall forward_call(const LayerSizes& s, const at::Tensor& x, const at::Ten
 // saved tensors checked against the sizes, and the gradients allocated (db
 // and dw_hr empty without bias / projection).
 struct BackwardCall {
+  bool input_grad = true;  // else dx is [0, input] and not computed
   at::Tensor dy, dh_n, dc_n;
   at::Tensor x, h0, c0, w_ih, w_hh, w_hr, y, gates, cells;
   at::Tensor dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr;
@@ -69,7 +70,7 @@ BackwardCall backward_call(const LayerSizes& s, const std::optional<at::Tensor>&
                            const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
                            const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
                            bool has_bias, const at::Tensor& y, const at::Tensor& gates,
-                           const at::Tensor& cells);
+                           const at::Tensor& cells, bool input_grad = true);
 
 // A bidirectional layer (bilayer_forward / bilayer_backward): the calls of
 // its two directions (0 forward, 1 reverse) on the same x and batch_sizes,

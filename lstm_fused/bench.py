@@ -44,7 +44,7 @@ JSON schema (``schema`` = 1)::
                          "peak_mem_bytes": int|null}},   # names: "ours", "torch", ...
         "speedup": float|null (impls.torch.median / impls.ours.median; null on error),
         "speedup_vs": {ref: float} (the same against every reference),
-        "parity": {"output": float, "grad_input": float|null},
+        "parity": {"output": float, "grad_input": float|null, "grad_weights": float|null},
         "engine": {"forward": str, "backward": str}|null (GPU: the CUDA kernels ours ran,
                   lstm_fused.cuda_plan: "persistent: ..." or "per-step"),
         "error": str|null (set when the case failed; then impls may be empty)
@@ -52,7 +52,7 @@ JSON schema (``schema`` = 1)::
     }
 
 Parity is max|ours - torch| / max|torch| over the whole output (and, in train mode, the input
-gradient), in float64, against ``torch``'s result for the same input. Peak memory, taken on
+gradient, and the largest such error among the parameters' gradients), in float64, against ``torch``'s result for the same input. Peak memory, taken on
 the last warm-up run of each implementation: on the GPU
 ``torch.cuda.max_memory_allocated`` minus what was allocated before the run; on the CPU the
 peak resident set (``VmHWM`` from /proc/self/status, reset through /proc/self/clear_refs,
@@ -101,6 +101,7 @@ class Case:
     layers: int = 1
     bidir: bool = False
     lengths: tuple = None  # (lo, hi): packed, lengths drawn uniformly in [lo, hi]
+    frozen: bool = False  # the input needs no gradient (features, frozen embeddings)
     kind: str = "seq"  # "seq" | "decode" | "decode-cell" | "decode-graph"
     modes: tuple = MODES  # the modes this case runs in (of those asked for)
 
@@ -108,7 +109,8 @@ class Case:
     def id(self):
         s = f"{self.kind}-T{self.T}-B{self.B}-I{self.I}-H{self.H}-L{self.layers}"
         s += "-bidir" if self.bidir else ""
-        return s + (f"-packed{self.lengths[0]}-{self.lengths[1]}" if self.lengths else "")
+        s += f"-packed{self.lengths[0]}-{self.lengths[1]}" if self.lengths else ""
+        return s + ("-frozen" if self.frozen else "")
 
     @property
     def name(self):
@@ -117,7 +119,8 @@ class Case:
         s = f"T{self.T} B{self.B} I{self.I} H{self.H}"
         s += f" L{self.layers}" if self.layers > 1 else ""
         s += " bidir" if self.bidir else ""
-        return s + (f" packed {self.lengths[0]}-{self.lengths[1]}" if self.lengths else "")
+        s += f" packed {self.lengths[0]}-{self.lengths[1]}" if self.lengths else ""
+        return s + (" frozen input" if self.frozen else "")
 
 
 def _decode(B, H=512, steps=200, layers=2, modes=MODES, graph=False):
@@ -137,11 +140,14 @@ GRIDS = {
             Case(100, 64, 512, 512, lengths=(10, 100))]
     + _decode(1, graph=True) + _decode(64, graph=True),
     # Issue 6's CPU grid, with issue 20's H = 1024 and the text classifier's 2-layer
-    # bidirectional shape. To finish in about 3 minutes on 2 cores: the packed case at the
+    # bidirectional shape (also on frozen embeddings: an input that needs no gradient,
+    # trained only). To finish in about 3 minutes on 2 cores: the packed case at the
     # size of the first (issue 5's (100, 64, 512, 512) packed: --case
     # 100,64,512,512,packed=10-100); decode 25 steps (--decode-steps 200) and inference only.
     "cpu": [Case(100, 32, 256, 256), Case(50, 64, 512, 512), Case(50, 32, 1024, 1024),
-            Case(100, 32, 256, 256, 2, True), Case(200, 8, 128, 128),
+            Case(100, 32, 256, 256, 2, True),
+            Case(100, 32, 256, 256, 2, True, frozen=True, modes=("train",)),
+            Case(200, 8, 128, 128),
             Case(100, 1, 256, 256), Case(100, 32, 256, 256, lengths=(10, 100))]
     + _decode(1, steps=25, modes=("inference",)) + _decode(64, steps=25, modes=("inference",)),
     # Tiny shapes for tests: every kind of case in well under a second.
@@ -272,7 +278,7 @@ class Work:
 
     def prep(self):
         if self.train:
-            self.leaf.grad = None
+            self.leaf.grad = None  # None already where the input needs no gradient
             for p in self.params:
                 p.grad = None
 
@@ -397,7 +403,7 @@ def build(case, mode, dtype, device, refs):
         return torch.randn(*shape, generator=gen, dtype=torch.float32).to(**kw)
 
     if case.kind == "seq":
-        x = randn(case.T, case.B, case.I).requires_grad_(train)
+        x = randn(case.T, case.B, case.I).requires_grad_(train and not case.frozen)
         out_rows = case.T * case.B
         inp, leaf = x, x
         if case.lengths:
@@ -405,7 +411,7 @@ def build(case, mode, dtype, device, refs):
             lengths = torch.randint(lo, hi + 1, (case.B,), generator=gen)
             lengths[0] = hi
             packed = pack_padded_sequence(x.detach(), lengths, enforce_sorted=False)
-            leaf = packed.data.detach().requires_grad_(train)
+            leaf = packed.data.detach().requires_grad_(train and not case.frozen)
             inp = PackedSequence(leaf, packed.batch_sizes, packed.sorted_indices,
                                  packed.unsorted_indices)
             out_rows = int(lengths.sum())
@@ -462,11 +468,13 @@ def parity(works):
         w = works[name]
         w.prep()
         out = w.run()
-        res[name] = (out.detach().clone(),
-                     w.leaf.grad.detach().clone() if w.train else None)
+        grad = w.leaf.grad if w.train else None
+        res[name] = (out.detach().clone(), grad.detach().clone() if grad is not None else None,
+                     [p.grad.detach().clone() for p in w.params] if w.train else None)
         w.prep()
-    (o, g), (ro, rg) = res["ours"], res["torch"]
-    return {"output": _rel_err(o, ro), "grad_input": _rel_err(g, rg) if g is not None else None}
+    (o, g, gw), (ro, rg, rgw) = res["ours"], res["torch"]
+    return {"output": _rel_err(o, ro), "grad_input": _rel_err(g, rg) if g is not None else None,
+            "grad_weights": max(_rel_err(a, b) for a, b in zip(gw, rgw)) if gw else None}
 
 
 def _timed(work, device):
@@ -554,7 +562,8 @@ def run_case(case, mode, dtype, device, refs, repeats, warmup):
                        "lengths": list(case.lengths) if case.lengths else None},
              "unit": "ms per call" if case.kind == "seq" else "ms per step",
              "impls": {}, "speedup": None, "speedup_vs": {},
-             "parity": {"output": None, "grad_input": None}, "engine": None, "error": None}
+             "parity": {"output": None, "grad_input": None, "grad_weights": None},
+             "engine": None, "error": None}
     try:
         entry["engine"] = engine(case, dtype, device)
         works = build(case, mode, dtype, device, refs)
@@ -590,6 +599,14 @@ def _err(x):
     return "—" if x is None else f"{x:.1e}"
 
 
+def _grad_err(parity):
+    """The input gradient's error, or where the input needs none the
+    parameters' ("dW ...")."""
+    if parity.get("grad_input") is None and parity.get("grad_weights") is not None:
+        return f"dW {parity['grad_weights']:.1e}"
+    return _err(parity.get("grad_input"))
+
+
 def table(result):
     """The markdown table of a result."""
     refs = [r for r in result["config"]["refs"] if r != "torch"]
@@ -615,7 +632,7 @@ def table(result):
             row += [t("ours"), t("torch")] + [t(r) for r in refs]
             row += [f"{c['speedup']:.2f}×"] + [
                 f"{c['speedup_vs'][r]:.2f}×" if r in c["speedup_vs"] else "—" for r in refs]
-            row += [_err(c["parity"]["output"]), _err(c["parity"]["grad_input"]),
+            row += [_err(c["parity"]["output"]), _grad_err(c["parity"]),
                     f"{_mb(im['ours']['peak_mem_bytes'])} / {_mb(im['torch']['peak_mem_bytes'])}"]
             if gpu:
                 row.append(_engine_short(c.get("engine")))
@@ -742,21 +759,23 @@ def _progress(items, enabled):
 
 
 def _parse_case(spec):
-    """T,B,I,H[,layers][,bidir][,packed=lo-hi]"""
+    """T,B,I,H[,layers][,bidir][,packed=lo-hi][,frozen]"""
     parts = spec.split(",")
     nums = [int(p) for p in parts[:4]]
-    layers, bidir, lengths = 1, False, None
+    layers, bidir, lengths, frozen = 1, False, None, False
     for p in parts[4:]:
         if p.isdigit():
             layers = int(p)
         elif p == "bidir":
             bidir = True
+        elif p == "frozen":
+            frozen = True
         elif p.startswith("packed="):
             lo, hi = p[7:].split("-")
             lengths = (int(lo), int(hi))
         else:
             raise argparse.ArgumentTypeError(f"bad case part {p!r} in {spec!r}")
-    return Case(*nums, layers, bidir, lengths)
+    return Case(*nums, layers, bidir, lengths, frozen=frozen)
 
 
 def parser():
@@ -768,7 +787,7 @@ def parser():
     p.add_argument("--grid", choices=sorted(GRIDS), help="shape preset (default: gpu on a "
                    "GPU, cpu otherwise)")
     p.add_argument("--case", action="append", type=_parse_case, default=[], metavar="SPEC",
-                   help="extra or only shapes: T,B,I,H[,layers][,bidir][,packed=lo-hi] "
+                   help="extra or only shapes: T,B,I,H[,layers][,bidir][,packed=lo-hi][,frozen] "
                         "(replaces the grid unless --grid is given)")
     p.add_argument("--decode-steps", type=int, default=None,
                    help="T=1 calls per decode run (grid default: 200 gpu, 25 cpu)")
@@ -868,7 +887,7 @@ def _bench(args, argv):
             bar.write(f"{c['name']} {mode} {c['dtype']}: ours {_ms(im['ours']['median_ms'])} "
                       f"ms, torch {_ms(im['torch']['median_ms'])} ms, {c['speedup']:.2f}×, "
                       f"parity {_err(c['parity']['output'])}"
-                      + (f" / dx {_err(c['parity']['grad_input'])}" if mode == "train" else ""))
+                      + (f" / {_grad_err(c['parity'])}" if mode == "train" else ""))
     bar.close()
     result["wall_s"] = round(time.perf_counter() - t_start, 2)
 

@@ -48,11 +48,12 @@ def _layer_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, re
 
 @torch.library.register_fake("lstm_fused::layer_backward")
 def _layer_backward_fake(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr,
-                         batch_sizes, reverse, has_bias, y, gates, cells):
+                         batch_sizes, reverse, has_bias, y, gates, cells, input_grad=True):
     _check_devices(x, (grad_y, grad_h_n, grad_c_n, h0, c0, w_ih, w_hh, w_hr, y, gates, cells),
                    batch_sizes)
     hidden = c0.shape[1]
-    return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(c0),
+    return (torch.empty_like(x) if input_grad else x.new_empty(0, x.shape[1]),
+            torch.empty_like(h0), torch.empty_like(c0),
             torch.empty_like(w_ih), torch.empty_like(w_hh),
             x.new_empty(4 * hidden if has_bias else 0),
             torch.empty_like(w_hr) if w_hr is not None else x.new_empty(0))
@@ -87,9 +88,12 @@ def _backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
         dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = _Backward.apply(
             *_zeros_for_none(grads, (y, h0, c0)), *inputs, ctx.reverse, y, gates, cells)
     else:
+        # An input that needs no gradient (features, frozen embeddings): no dx
+        # product (a quarter of the backward's work).
         dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = _ops.layer_backward(
             *grads, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, ctx.reverse, any(ctx.bias),
-            y, gates, cells)
+            y, gates, cells, ctx.needs_input_grad[0])
+        dx = dx if ctx.needs_input_grad[0] else None
     return (dx, dh0, dc0, dw_ih, dw_hh,
             db if ctx.bias[0] else None, db if ctx.bias[1] else None,
             dw_hr if w_hr is not None else None, None, None, None)

@@ -171,6 +171,43 @@ def test_absent_output_gradients_reach_the_op_as_none(monkeypatch):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-10)
 
 
+def test_input_without_gradient_skips_dx(monkeypatch):
+    """The first layer of a model whose input needs no gradient asks the op
+    for no dx (input_grad=False, dx not computed); the second asks for it."""
+    seen = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(torch.ops.lstm_fused, name)
+
+        def layer_backward(self, *args):
+            seen.append(args[-1])
+            return torch.ops.lstm_fused.layer_backward(*args)
+
+    monkeypatch.setattr(ops, "_ops", Spy())
+    ref, ours = pair(3, 4, torch.float64, num_layers=2)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    ours(x)[0].sum().backward()
+    assert seen == [True, False]  # backward runs the last layer first
+    ref(x)[0].sum().backward()
+    for p, q in zip(ref.parameters(), ours.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_opcheck_backward_without_input_gradient():
+    args, bs = layer_args(2, True, [3, 2, 1], requires_grad=False)
+    y, h_n, c_n, gates, cells = torch.ops.lstm_fused.layer_forward(*args, bs, False)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = args
+    back = (torch.ones_like(y), None, torch.ones_like(c_n), x, h0, c0, w_ih, w_hh, w_hr, bs,
+            False, True, y, gates, cells)
+    full = torch.ops.lstm_fused.layer_backward(*back)
+    lean = torch.ops.lstm_fused.layer_backward(*back, False)
+    assert lean[0].shape == (0, x.shape[1])
+    for u, v in zip(full[1:], lean[1:]):
+        assert torch.equal(u, v)
+    torch.library.opcheck(torch.ops.lstm_fused.layer_backward, (*back, False))
+
+
 def test_first_order_backward_is_fused(monkeypatch):
     """Only create_graph=True recomputes through the reference."""
     def fail(*args, **kwargs):

@@ -15,6 +15,8 @@ import torch
 
 import lstm_fused
 
+from torch.nn.utils.rnn import pack_padded_sequence
+
 from helpers import compare, num_threads, pair, run, run_packed
 
 F32, F64 = torch.float32, torch.float64
@@ -82,6 +84,28 @@ def test_backward_spans_match_nn(dtype, I, two_threads):
     hx = _hx(ours, 64, dtype)
     compare(run(ref, x, hx), run(ours, x, hx), dtype)
     compare(run_packed(ref, x, lengths, hx), run_packed(ours, x, lengths, hx), dtype)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=str)
+@pytest.mark.parametrize("I,packed", [(37, False), (800, True)], ids=["short", "long-packed"])
+def test_input_without_gradient(dtype, I, packed, two_threads):
+    """An input that needs no gradient (features, frozen embeddings): the
+    first layer's backward skips dx; every other gradient is nn.LSTM's (the
+    weights read in place for a short call, packed for a long one, several
+    spans, variable lengths)."""
+    ref, ours = pair(I, 64 if packed else 45, dtype, num_layers=2, bidirectional=True)
+    T, B = (40, 64) if packed else (5, 13)
+    x = torch.randn(T, B, I, dtype=dtype)
+    lengths = torch.randint(T // 2, T + 1, (B,), generator=torch.Generator().manual_seed(5))
+    lengths[0] = T
+    found = []
+    for m in (ref, ours):
+        inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
+        out, (h_n, c_n) = m(inp)
+        data = out.data if packed else out
+        loss = data.pow(2).sum() + h_n.sum() + c_n.sin().sum()
+        found.append([data, *torch.autograd.grad(loss, list(m.parameters()))])
+    compare(found[0], found[1], dtype)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}B{}I{}H{}".format(*s[:4]))

@@ -50,7 +50,7 @@ template <typename T>
 void fused_forward(const LayerDims& d, const int64_t* step_offsets, const ForwardArgs<T>& a,
                    T* work, int threads);
 
-// Backward: the recurrence fills a.dh0, a.dc0, a.db (if not null), a.dx and,
+// Backward: the recurrence fills a.dh0, a.dc0, a.db and a.dx (if not null) and,
 // with a projection, dh_all [N, P] (dh of every step); the gate gradients of
 // a span of steps at a time (in the workspace) go into dW_ih and dW_hh after
 // each span. dW_hr is left to the caller.

@@ -798,7 +798,7 @@ struct Backward {
     if (packed) {
       for (int64_t c = pmine.begin; c < pmine.end; ++c)
         pack_cols_panel<T, NR>(a.w_hh, G, P, c, phh + c * G * NR);
-      for (int64_t c = imine.begin; c < imine.end; ++c)
+      for (int64_t c = imine.begin; c < imine.end && a.dx != nullptr; ++c)
         pack_cols_panel<T, NR>(a.w_ih, G, I, c, pwih + c * G * NR);
     }
     // Running gradients: dh0 holds dh, dc0 holds dc; each thread its columns.
@@ -862,7 +862,7 @@ struct Backward {
           const T* w = w_hh_panel(c, &ldb);
           gemm_rows<V>(0, n, G, dg, G, w, ldb, dh + c * NR, P, imin(NR, P - c * NR), kStore);
         }
-        for (int64_t c = imine.begin; c < imine.end; ++c) {
+        for (int64_t c = imine.begin; c < imine.end && a.dx != nullptr; ++c) {
           const T* w = packed ? pwih + c * G * NR : a.w_ih + c * NR;
           gemm_rows<V>(0, n, G, dg, G, w, packed ? NR : I, a.dx + r0 * I + c * NR, I,
                        imin(NR, I - c * NR), kStore);

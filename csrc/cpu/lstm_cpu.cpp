@@ -203,7 +203,7 @@ template <typename T>
 void generic_gradients(const LayerDims& d, const std::vector<int64_t>& off,
                        const BackwardArgs<T>& a, const T* dgates) {
   const int64_t N = d.rows, B = d.batch, I = d.input, P = d.proj, G = 4 * d.hidden;
-  gemm<T>(false, false, N, I, G, T(1), dgates, G, a.w_ih, I, T(0), a.dx, I);
+  if (a.dx != nullptr) gemm<T>(false, false, N, I, G, T(1), dgates, G, a.w_ih, I, T(0), a.dx, I);
   gemm<T>(true, false, G, I, N, T(1), dgates, G, a.x, I, T(0), a.dw_ih, I);
 
   // dW_hh = sum over rows of dgates^T h_{t-1}. With every step B rows, the

@@ -56,7 +56,7 @@ struct BackwardArgs {
   const T* y;
   const T* gates;
   const T* cells;
-  T* dx;     // [N, I]
+  T* dx;     // [N, I], or null: not computed (the input needs no gradient)
   T* dh0;    // [B, P]
   T* dc0;    // [B, H]
   T* dw_ih;  // [4H, I]

@@ -47,7 +47,8 @@ void run_backward(const LayerSizes& s, const BackwardCall& c, bool reverse, bool
         c.w_ih.data_ptr<scalar_t>(),    c.w_hh.data_ptr<scalar_t>(),
         ptr_or_null<scalar_t>(c.w_hr),  c.y.data_ptr<scalar_t>(),
         c.gates.data_ptr<scalar_t>(),   c.cells.data_ptr<scalar_t>(),
-        c.dx.data_ptr<scalar_t>(),      c.dh0.data_ptr<scalar_t>(),
+        c.input_grad ? c.dx.data_ptr<scalar_t>() : nullptr,
+        c.dh0.data_ptr<scalar_t>(),
         c.dc0.data_ptr<scalar_t>(),     c.dw_ih.data_ptr<scalar_t>(),
         c.dw_hh.data_ptr<scalar_t>(),   has_bias ? c.db.data_ptr<scalar_t>() : nullptr,
         c.w_hr.defined() ? c.dw_hr.data_ptr<scalar_t>() : nullptr};
@@ -74,12 +75,13 @@ layer_backward_cpu(const std::optional<at::Tensor>& grad_y,
                    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
                    const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
                    const std::optional<at::Tensor>& batch_sizes, bool reverse, bool has_bias,
-                   const at::Tensor& y, const at::Tensor& gates, const at::Tensor& cells) {
+                   const at::Tensor& y, const at::Tensor& gates, const at::Tensor& cells,
+                   bool input_grad) {
   const LayerSizes s = check_layer_args(x, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt,
                                         w_hr, batch_sizes);
   check_cpu_dtype(x);
   const BackwardCall c = backward_call(s, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh,
-                                       w_hr, has_bias, y, gates, cells);
+                                       w_hr, has_bias, y, gates, cells, input_grad);
   run_backward(s, c, reverse, has_bias);
   return c.outputs();
 }

@@ -409,7 +409,7 @@ void backward_end(const Layout& L, BackwardCall& c, const BackwardWork& w, bool 
   constexpr bool same = std::is_same_v<T, at::opmath_type<T>>;
   const int64_t H = L.s.hidden;
   const at::Tensor dg = same ? w.dgates : w.dgates.to(c.x.scalar_type());
-  gemm(c.dx, dg, c.w_ih, false);
+  if (c.input_grad) gemm(c.dx, dg, c.w_ih, false);
   gemm(c.dw_ih, dg.t(), c.x, false);
   gemm(c.dw_hh, dg.t(), previous_h(L, c.y, c.h0), false);
   if (has_bias) {
@@ -494,14 +494,15 @@ layer_backward_cuda(const std::optional<at::Tensor>& grad_y,
                     const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
                     const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
                     const std::optional<at::Tensor>& batch_sizes, bool reverse, bool has_bias,
-                    const at::Tensor& y, const at::Tensor& gates, const at::Tensor& cells) {
+                    const at::Tensor& y, const at::Tensor& gates, const at::Tensor& cells,
+                    bool input_grad) {
   const LayerSizes s = check_layer_args(x, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt,
                                         w_hr, batch_sizes);
   check_cuda(x, s);
   const cuda::DeviceGuard device(x.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   BackwardCall c = backward_call(s, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh,
-                                  w_hr, has_bias, y, gates, cells);
+                                  w_hr, has_bias, y, gates, cells, input_grad);
   const Layout L(s, reverse);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "lstm_fused_layer_backward_cuda",

@@ -21,7 +21,7 @@ using Forward = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
 using Backward = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Opt&, const Opt&, const Opt&, const Tensor&, const Tensor&, const Tensor&,
     const Tensor&, const Tensor&, const Opt&, const Opt&, bool, bool, const Tensor&,
-    const Tensor&, const Tensor&);
+    const Tensor&, const Tensor&, bool);
 
 int checks = 0, failures = 0;
 
@@ -147,7 +147,7 @@ void run_case(const Case& c) {
           bwd.call(dy.narrow(1, d * P, P).contiguous(), gh[k], gc[k], s.x, h0[k].detach(),
                    c0[k].detach(), *param(lstm, "weight_ih", l, rev),
                    *param(lstm, "weight_hh", l, rev), w_hr, bs, rev, c.bias, s.y, s.gates,
-                   s.cells);
+                   s.cells, true);
       dx = d == 0 ? dx_d : dx + dx_d;
       check_close(dh0, h0.grad()[k], tag + " grad h0");
       check_close(dc0, c0.grad()[k], tag + " grad c0");
