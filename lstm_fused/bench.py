@@ -37,7 +37,8 @@ JSON schema (``schema`` = 1)::
         "kind": "seq"|"decode"|"decode-cell"|"decode-graph", "mode": "inference"|"train",
         "dtype": str,
         "shape": {"T": int, "B": int, "I": int, "H": int, "layers": int, "bidir": bool,
-                  "lengths": [lo, hi]|null (packed variable lengths)},
+                  "lengths": [lo, hi]|null (packed variable lengths),
+                  "frozen": bool (the input needs no gradient)},
         "unit": "ms per call"|"ms per step",
         "impls": {name: {"median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms": float,
                          "times_ms": [float] (every timed run, in order),
@@ -559,7 +560,8 @@ def run_case(case, mode, dtype, device, refs, repeats, warmup):
              "dtype": SHORT[dtype],
              "shape": {"T": case.T, "B": case.B, "I": case.I, "H": case.H,
                        "layers": case.layers, "bidir": case.bidir,
-                       "lengths": list(case.lengths) if case.lengths else None},
+                       "lengths": list(case.lengths) if case.lengths else None,
+                       "frozen": case.frozen},
              "unit": "ms per call" if case.kind == "seq" else "ms per step",
              "impls": {}, "speedup": None, "speedup_vs": {},
              "parity": {"output": None, "grad_input": None, "grad_weights": None},
@@ -675,7 +677,8 @@ def markdown(result):
             f"{env['date']}; TF32 {'on' if env['tf32'] else 'off'}.\n"
             f"Median ± half the interquartile range of {cfg['repeats']} interleaved runs after "
             f"{cfg['warmup']} warm-up; speed-up = torch / ours; decode cases per step; "
-            f"parity = max relative error vs nn.LSTM (output, input gradient).\n\n"
+            f"parity = max relative error vs nn.LSTM (output, input gradient; dW: "
+            f"the parameters' gradients where the input needs none).\n\n"
             f"{table(result)}\n\n{summary(result)}\n")
 
 

@@ -76,7 +76,7 @@ def test_schema(smoke):
     assert len(keys) == len(set(keys)) == len(shapes) * 2 * 2
     for c in r["cases"]:
         assert c["error"] is None, c["error"]
-        assert set(c["shape"]) == {"T", "B", "I", "H", "layers", "bidir", "lengths"}
+        assert set(c["shape"]) == {"T", "B", "I", "H", "layers", "bidir", "lengths", "frozen"}
         assert c["unit"] == ("ms per call" if c["kind"] == "seq" else "ms per step")
         assert set(c["impls"]) == {"ours", "torch"}
         for s in c["impls"].values():
@@ -90,6 +90,7 @@ def test_schema(smoke):
         assert c["speedup_vs"] == {"torch": c["speedup"]}
         assert isinstance(c["parity"]["output"], float)
         assert (c["parity"]["grad_input"] is None) == (c["mode"] == "inference")
+        assert (c["parity"]["grad_weights"] is None) == (c["mode"] == "inference")
     packed = [c for c in r["cases"] if c["shape"]["lengths"]]
     assert packed and all(c["shape"]["lengths"] == [2, 6] for c in packed)
 
@@ -187,8 +188,23 @@ def test_parse_case():
         100, 64, 512, 512, lengths=(10, 100))
     c = bench._parse_case("10,2,3,4,2,bidir")
     assert (c.layers, c.bidir, c.name) == (2, True, "T10 B2 I3 H4 L2 bidir")
+    c = bench._parse_case("10,2,3,4,2,bidir,frozen")
+    assert c.frozen and c.name == "T10 B2 I3 H4 L2 bidir frozen input"
     with pytest.raises(Exception):
         bench._parse_case("10,2,3,4,sideways")
+
+
+def test_frozen_input_case(tmp_path):
+    """An input that needs no gradient: no input-gradient parity, the
+    parameters' instead (shown as dW in the table)."""
+    rc, out, err = _call(bench.main, [
+        "--case", "4,3,5,6,2,bidir,frozen", "--modes", "train", "--dtypes", "fp64",
+        "--repeats", "1", "--threads", "1", "--no-progress", "--out", str(tmp_path)])
+    assert rc == 0, err
+    (c,) = json.loads(next(tmp_path.glob("*.json")).read_text())["cases"]
+    assert c["shape"]["frozen"] is True and c["parity"]["grad_input"] is None
+    assert 0 <= c["parity"]["grad_weights"] < TOL["fp64"]
+    assert "| dW " in next(tmp_path.glob("*.md")).read_text()
 
 
 def test_custom_case_and_filter(tmp_path):
