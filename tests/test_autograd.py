@@ -119,76 +119,62 @@ PARTS = {
 
 @pytest.mark.parametrize("part", PARTS, ids=list(PARTS))
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
-def test_loss_on_part_of_the_outputs(part, bidirectional):
+@pytest.mark.parametrize("order", ["first", "double"])
+def test_loss_on_part_of_the_outputs(part, bidirectional, order):
+    """double: create_graph=True, zeros standing in for the absent output
+    gradients in the differentiable backward."""
     ref, ours = pair(3, 4, torch.float64, num_layers=2, bidirectional=bidirectional)
     x = torch.randn(5, 2, 3, dtype=torch.float64)
     found = []
     for m in (ref, ours):
         xi = x.clone().requires_grad_()
-        loss = PARTS[part](*(lambda o, hc: (o, *hc))(*m(xi)))
-        found.append(torch.autograd.grad(loss, [xi, *m.parameters()]))
+        out, (h, c) = m(xi)
+        grads = torch.autograd.grad(PARTS[part](out, h, c), [xi, *m.parameters()],
+                                    create_graph=order == "double")
+        if order == "double":
+            grads = torch.autograd.grad(grads[0].pow(2).sum(), list(m.parameters()))
+        found.append(grads)
     for a, b in zip(*found):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("part", ["last-h", "c-only"])
-def test_double_backward_on_part_of_the_outputs(part):
-    """create_graph=True with some output gradients absent (zeros stand in
-    for them in the differentiable backward)."""
-    ref, ours = pair(3, 4, torch.float64, num_layers=2, bidirectional=True)
-    x = torch.randn(5, 2, 3, dtype=torch.float64)
-    found = []
-    for m in (ref, ours):
-        xi = x.clone().requires_grad_()
-        loss = PARTS[part](*(lambda o, hc: (o, *hc))(*m(xi)))
-        (dx,) = torch.autograd.grad(loss, xi, create_graph=True)
-        found.append(torch.autograd.grad(dx.pow(2).sum(), list(m.parameters())))
-    for a, b in zip(*found):
-        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
-
-
-def test_absent_output_gradients_reach_the_op_as_none(monkeypatch):
-    """A loss on h_n alone: the op gets None for y's gradient, and None for
-    the saved gates' and cells' (no tensors of zeros are made for them)."""
-    seen = []
+@pytest.fixture
+def backward_calls(monkeypatch):
+    """The arguments of every layer_backward call the autograd makes."""
+    calls = []
 
     class Spy:
         def __getattr__(self, name):
             return getattr(torch.ops.lstm_fused, name)
 
         def layer_backward(self, *args):
-            seen.append([a is None for a in args[:3]])
+            calls.append(args)
             return torch.ops.lstm_fused.layer_backward(*args)
 
     monkeypatch.setattr(ops, "_ops", Spy())
+    return calls
+
+
+def test_absent_output_gradients_reach_the_op_as_none(backward_calls):
+    """A loss on h_n alone: the op gets None for y's gradient, and None for
+    the saved gates' and cells' (no tensors of zeros are made for them)."""
     ref, ours = pair(3, 4, torch.float64)
     x = torch.randn(5, 2, 3, dtype=torch.float64)
     _, (h_n, _) = ours(x)
     h_n.sum().backward()
-    assert seen == [[True, False, True]]
+    assert [[a is None for a in args[:3]] for args in backward_calls] == [[True, False, True]]
     ref(x)[1][0].sum().backward()
     for p, q in zip(ref.parameters(), ours.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-10)
 
 
-def test_input_without_gradient_skips_dx(monkeypatch):
+def test_input_without_gradient_skips_dx(backward_calls):
     """The first layer of a model whose input needs no gradient asks the op
     for no dx (input_grad=False, dx not computed); the second asks for it."""
-    seen = []
-
-    class Spy:
-        def __getattr__(self, name):
-            return getattr(torch.ops.lstm_fused, name)
-
-        def layer_backward(self, *args):
-            seen.append(args[-1])
-            return torch.ops.lstm_fused.layer_backward(*args)
-
-    monkeypatch.setattr(ops, "_ops", Spy())
     ref, ours = pair(3, 4, torch.float64, num_layers=2)
     x = torch.randn(5, 2, 3, dtype=torch.float64)
     ours(x)[0].sum().backward()
-    assert seen == [True, False]  # backward runs the last layer first
+    assert [args[-1] for args in backward_calls] == [True, False]  # the last layer first
     ref(x)[0].sum().backward()
     for p, q in zip(ref.parameters(), ours.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-10)
