@@ -125,20 +125,17 @@ inline void tile_mr(int mr, int64_t K, const T* A, int64_t lda, const T* B, int6
   }
 }
 
-// Eight float columns [k, k + n) (n <= 8) of a register tile's mr <= 6 rows
-// of row-major A (row r at src + r*rs) to out[j*mr + r], j < n: an 8x8
-// transpose (rows past mr read as zero), each column stored as 8 lanes that
-// the next columns' stores overwrite past mr, but for the columns within 8
-// of the end of the tile's block (`room` values from out): mr lanes.
-inline void pack_cols8(const float* src, int64_t rs, int mr, int64_t n, int64_t room,
-                       float* out) {
+// col[j] = column j < n (n <= 8) of the first `rows` rows of row-major float
+// A (row i at src + i*rs), the rows past `rows` read as zero: an 8x8
+// transpose.
+inline void transpose8(const float* src, int64_t rs, int rows, int64_t n, __m256 (&col)[8]) {
   const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i kmask = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), idx);
   __m256 r[8];
   for (int i = 0; i < 8; ++i)
-    r[i] = i >= mr ? _mm256_setzero_ps()
-                   : n == 8 ? _mm256_loadu_ps(src + i * rs)
-                            : _mm256_maskload_ps(src + i * rs, kmask);
+    r[i] = i >= rows ? _mm256_setzero_ps()
+                     : n == 8 ? _mm256_loadu_ps(src + i * rs)
+                              : _mm256_maskload_ps(src + i * rs, kmask);
   __m256 t[8], u[8];
   for (int i = 0; i < 8; i += 2) {
     t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);      // columns 0,1 | 4,5 of rows i, i+1
@@ -150,12 +147,23 @@ inline void pack_cols8(const float* src, int64_t rs, int mr, int64_t n, int64_t 
     u[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0x44);  // column 2 | 6
     u[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0xEE);  // column 3 | 7
   }
-  __m256 col[8];
   for (int j = 0; j < 4; ++j) {
     col[j] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x20);
     col[j + 4] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x31);
   }
-  const __m256i rmask = _mm256_cmpgt_epi32(_mm256_set1_epi32(mr), idx);
+}
+
+// Eight float columns [k, k + n) (n <= 8) of a register tile's mr <= 6 rows
+// of row-major A (row r at src + r*rs) to out[j*mr + r], j < n, each column
+// stored as 8 lanes that the next columns' stores overwrite past mr, but for
+// the columns within 8 of the end of the tile's block (`room` values from
+// out): mr lanes.
+inline void pack_cols8(const float* src, int64_t rs, int mr, int64_t n, int64_t room,
+                       float* out) {
+  __m256 col[8];
+  transpose8(src, rs, mr, n, col);
+  const __m256i rmask =
+      _mm256_cmpgt_epi32(_mm256_set1_epi32(mr), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   for (int64_t j = 0; j < n; ++j) {
     if (j * mr + 8 <= room) _mm256_storeu_ps(out + j * mr, col[j]);
     else _mm256_maskstore_ps(out + j * mr, rmask, col[j]);
@@ -318,6 +326,16 @@ LF_INLINE void dot_rows(int64_t K, const T* a, const T* w, int64_t count, T* out
 template <typename T, int NR>
 void pack_rows_panel(const T* w, int64_t N, int64_t K, int64_t c, T* out) {
   const int64_t j0 = c * NR, count = imin(NR, N - j0);
+  if constexpr (sizeof(T) == sizeof(float)) {  // 8x8 transposes (NR is a multiple of 8)
+    for (int64_t k = 0; k < K; k += 8)
+      for (int64_t j = 0; j < NR; j += 8) {
+        __m256 col[8];
+        const int64_t n = imin(8, K - k);
+        transpose8(w + (j0 + j) * K + k, K, int(imax(0, imin(8, count - j))), n, col);
+        for (int64_t i = 0; i < n; ++i) _mm256_storeu_ps(out + (k + i) * NR + j, col[i]);
+      }
+    return;
+  }
   for (int64_t j = 0; j < count; ++j)
     for (int64_t k = 0; k < K; ++k) out[k * NR + j] = w[(j0 + j) * K + k];
   for (int64_t j = count; j < NR; ++j)
