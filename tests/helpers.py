@@ -140,3 +140,13 @@ def readme_code(section):
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
     return body.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+# Losses on part of a module's outputs (out, h_n, c_n): the backward gets
+# None for the others, and must still give nn.LSTM's gradients.
+PARTS = {
+    "last-h": lambda out, h, c: h[-1].pow(2).sum(),  # a classifier on h_n
+    "c-only": lambda out, h, c: c.sin().sum(),
+    "out-only": lambda out, h, c: out.pow(2).sum(),
+    "h-and-out": lambda out, h, c: h.sum() + out[-1].sum(),
+}

@@ -8,7 +8,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import lstm_fused
 from lstm_fused import ops, reference
-from helpers import compare, num_threads, pair, run, run_packed
+from helpers import PARTS, compare, num_threads, pair, run, run_packed
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no GPU"))]
@@ -105,16 +105,6 @@ def test_gradient_penalty_matches_nn_lstm():
         grads.append([p.grad for p in m.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
-
-
-# Losses on part of the outputs: the backward gets None for the others (no
-# zeros are made for them) and must give nn.LSTM's gradients.
-PARTS = {
-    "last-h": lambda out, h, c: h[-1].pow(2).sum(),  # a classifier on h_n
-    "c-only": lambda out, h, c: c.sin().sum(),
-    "out-only": lambda out, h, c: out.pow(2).sum(),
-    "h-and-out": lambda out, h, c: h.sum() + out[-1].sum(),
-}
 
 
 @pytest.mark.parametrize("part", PARTS, ids=list(PARTS))

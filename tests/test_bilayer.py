@@ -11,6 +11,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import lstm_fused
 from lstm_fused import ops
+from helpers import PARTS
 
 DT = torch.float64
 
@@ -201,13 +202,6 @@ def test_module_inference_and_double_backward(pair_on_cpu):
     assert len(pair_on_cpu) == 4  # 2 layers, inference and the create_graph call
     for e, o in zip(*found):
         torch.testing.assert_close(o, e, rtol=1e-10, atol=1e-10)
-
-
-PARTS = {
-    "last-h": lambda out, h, c: h[-1].pow(2).sum(),  # a classifier on h_n
-    "c-only": lambda out, h, c: c.sin().sum(),
-    "out-only": lambda out, h, c: out.pow(2).sum(),
-}
 
 
 @pytest.mark.parametrize("part", PARTS, ids=list(PARTS))
