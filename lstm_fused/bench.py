@@ -53,12 +53,12 @@ JSON schema (``schema`` = 1)::
     }
 
 Parity is max|ours - torch| / max|torch| over the whole output (and, in train mode, the input
-gradient, and the largest such error among the parameters' gradients), in float64, against ``torch``'s result for the same input. Peak memory, taken on
-the last warm-up run of each implementation: on the GPU
-``torch.cuda.max_memory_allocated`` minus what was allocated before the run; on the CPU the
-peak resident set (``VmHWM`` from /proc/self/status, reset through /proc/self/clear_refs,
-after ``malloc_trim``) minus the resident set before the run: approximate, null where /proc
-does not allow it.
+gradient, and the largest such error among the parameters' gradients), in float64, against
+``torch``'s result for the same input. Peak memory, taken on the last warm-up run of each
+implementation: on the GPU ``torch.cuda.max_memory_allocated`` minus what was allocated before
+the run; on the CPU the peak resident set (``VmHWM`` from /proc/self/status, reset through
+/proc/self/clear_refs, after ``malloc_trim``) minus the resident set before the run:
+approximate, null where /proc does not allow it.
 """
 import argparse
 import contextlib
@@ -890,7 +890,8 @@ def _bench(args, argv):
             bar.write(f"{c['name']} {mode} {c['dtype']}: ours {_ms(im['ours']['median_ms'])} "
                       f"ms, torch {_ms(im['torch']['median_ms'])} ms, {c['speedup']:.2f}×, "
                       f"parity {_err(c['parity']['output'])}"
-                      + (f" / {_grad_err(c['parity'])}" if mode == "train" else ""))
+                      + (f" / dx {_err(c['parity']['grad_input'])} / dW "
+                         f"{_err(c['parity']['grad_weights'])}" if mode == "train" else ""))
     bar.close()
     result["wall_s"] = round(time.perf_counter() - t_start, 2)
 

@@ -161,8 +161,6 @@ def _bi_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
         grad_y, grad_h_n, grad_c_n = _zeros_for_none((grad_y, grad_h_n, grad_c_n), (y, h0, c0))
 
         def part(t, d, cols=False):
-            if t is None:
-                return None
             return t[:, d * proj:(d + 1) * proj] if cols else t[d]
         results = [_Backward.apply(part(grad_y, d, True), part(grad_h_n, d), part(grad_c_n, d),
                                    x, h0[d], c0[d], *w, batch_sizes, d == 1,
