@@ -1,11 +1,13 @@
 """The CPU kernel paths at sizes that cross their tiles: register tiles of 6
-rows and 16 units with AVX2 or 32 with AVX-512 (half for float64), row blocks
-of 96, K blocks of 256, batch 1 (W read in place), one-step calls
-(batch in vector lanes), short calls whose backward reads W in place and long
-ones that pack it, backward in several spans of steps, two threads, the inference path that keeps nothing for
-backward; and, in subprocesses, the lower instruction sets this processor can
-also run: AVX2 where it has AVX-512, and the generic (BLAS) path that
-processors without AVX2 take."""
+rows and 16 units with AVX2 or 32 with AVX-512 (half for float64), AVX-512's
+gate tiles (6 rows, the four gates of 16 units) with x_t in them or, where
+the weights exceed 12 MB, after an input projection, row blocks of 96, K
+blocks of 256, batch 1 (W read in place), one-step calls (batch in vector
+lanes), short calls whose backward reads W in place and long ones that pack
+it, backward in several spans of steps, two threads, the inference path that
+keeps nothing for backward; and, in subprocesses, the lower instruction sets
+this processor can also run: AVX2 where it has AVX-512, and the generic
+(BLAS) path that processors without AVX2 take."""
 import os
 import subprocess
 import sys
@@ -32,6 +34,7 @@ SHAPES = [
     (2, 97, 20, 16, {}),                       # two row blocks of 96 rows
     (5, 8, 16, 130, {"proj_size": 33, "bias": False}),
     (6, 14, 140, 70, {}),                      # AVX-512: chunks 32+32+6
+    (3, 9, 2200, 340, {}),                     # AVX-512: W over 12 MB: projection, gate tiles
 ]
 
 

@@ -6,7 +6,10 @@
 // range of hidden units: per step it computes its units' four gate columns of
 // h_{t-1} W_hh^T with a register-tiled microkernel (6 rows by two vectors),
 // straight into the gate rows, and applies the cell (lstm_cell.h) to them
-// while they are in L1. Batch 1 reads W_hh in place (dot products) instead of
+// while they are in L1. With AVX-512 the tile holds all four gates of 6 rows
+// and one vector of units (gate tiles) and the cell runs on them in registers;
+// where the weights fit in cache x_t W_ih^T is in the same tile and there is
+// no input projection. Batch 1 reads W_hh in place (dot products) instead of
 // packing it. Backward mirrors it (per step one GEMM gives dh_{t-1} and dx_t
 // while the step's gate gradients are in cache), then runs the weight
 // gradients as one GEMM over all steps in the same parallel region.

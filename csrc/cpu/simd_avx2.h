@@ -20,6 +20,9 @@ __m256d Sleef_tanhd4_u10avx2(__m256d) __attribute__((weak));
 
 namespace lstm_fused::cpu::avx2 {
 
+// Vector registers: too few for fused_engine.h's gate tiles.
+constexpr int kRegisters = 16;
+
 #define LF_INLINE __attribute__((always_inline)) inline
 
 struct F8 {

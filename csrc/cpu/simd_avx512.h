@@ -21,6 +21,10 @@ __m512d Sleef_tanhd8_u10avx512f(__m512d) __attribute__((weak));
 
 namespace lstm_fused::cpu::avx512 {
 
+// Vector registers: enough for fused_engine.h's gate tiles (6 rows by the
+// four gates of a vector of units: 24 accumulators).
+constexpr int kRegisters = 32;
+
 #define LF_INLINE __attribute__((always_inline)) inline
 
 // The first n (<= 0: none, >= 16: all) of 16 lanes.
