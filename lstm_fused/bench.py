@@ -813,7 +813,8 @@ def parser():
     p.add_argument("--png", default=None, help="PNG path (default OUT/bench-<machine>.png)")
     p.add_argument("--md", default=None, help="markdown path (default OUT/bench-<machine>.md)")
     p.add_argument("--save-results", action="store_true",
-                   help="write to bench/results/<machine>.{json,png,md} (committed results)")
+                   help="write to bench/results/<machine>[-<variant>].{json,png,md} (committed "
+                        "results; the variant names a non-default grid, dtypes or decode steps)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -831,6 +832,22 @@ def main(argv=None):
         torch.set_num_threads(saved[0])
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[1:3]
         torch.set_float32_matmul_precision(saved[3])
+
+
+def results_name(result, gpu, decode_steps=None):
+    """The file name (no suffix) of a run in bench/results: the machine, then
+    what differs from the default run, so that a float64 or custom run does
+    not replace the grid's files: cpu-amd-epyc-avx512-2t-fp64, ...-custom,
+    ...-decode200."""
+    cfg = result["config"]
+    parts = [result["environment"]["machine"]]
+    if cfg["grid"] != ("gpu" if gpu else "cpu"):
+        parts.append(cfg["grid"])
+    if cfg["dtypes"] != (["fp32", "fp16", "bf16"] if gpu else ["fp32"]):
+        parts.append("-".join(cfg["dtypes"]))
+    if decode_steps:
+        parts.append(f"decode{decode_steps}")
+    return "-".join(parts)
 
 
 def _bench(args, argv):
@@ -897,7 +914,7 @@ def _bench(args, argv):
 
     if args.save_results:
         root = REPO if (REPO / "pyproject.toml").exists() else Path.cwd()  # a checkout?
-        base = root / "bench" / "results" / env["machine"]
+        base = root / "bench" / "results" / results_name(result, gpu, args.decode_steps)
         paths = {k: base.with_suffix("." + k) for k in ("json", "png", "md")}
     else:
         out = Path(args.out)

@@ -183,6 +183,25 @@ def test_compare_rejects_malformed(smoke, tmp_path, what):
         assert rc == 2 and err.startswith("error: ") and str(bad) in err and out == ""
 
 
+def test_results_name(smoke):
+    """--save-results files: the machine for the default run, plus what
+    differs from it, so that a float64 or custom run never replaces the
+    grid's committed files."""
+    r = copy.deepcopy(smoke["result"])
+    machine = r["environment"]["machine"]
+    assert bench.results_name(r, gpu=False) == f"{machine}-smoke-fp64-fp32"
+    r["config"].update(grid="cpu", dtypes=["fp32"])
+    assert bench.results_name(r, gpu=False) == machine
+    assert bench.results_name(r, gpu=False, decode_steps=200) == f"{machine}-decode200"
+    r["config"]["dtypes"] = ["fp64"]
+    assert bench.results_name(r, gpu=False) == f"{machine}-fp64"
+    r["config"].update(grid="custom", dtypes=["fp32"])
+    assert bench.results_name(r, gpu=False) == f"{machine}-custom"
+    r["config"].update(grid="gpu", dtypes=["fp32", "fp16", "bf16"])
+    assert bench.results_name(r, gpu=True) == machine
+    assert bench.results_name(r, gpu=False) == f"{machine}-gpu-fp32-fp16-bf16"
+
+
 def test_parse_case():
     assert bench._parse_case("100,64,512,512,packed=10-100") == bench.Case(
         100, 64, 512, 512, lengths=(10, 100))
