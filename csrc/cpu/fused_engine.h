@@ -671,7 +671,7 @@ struct Forward {
                            imin(W, H - u0),
                            a.c_n + b * H + u0,
                            cells ? cells + b * H + u0 : nullptr,
-                           g + b * G + u0,
+                           cells ? g + b * G + u0 : nullptr,
                            G,
                            h_out + b * ldh + u0,
                            ldh};
@@ -691,7 +691,7 @@ struct Forward {
       const int64_t t_lo = imin(step_at(k0), step_at(k1 - 1)),
                     t_hi = imax(step_at(k0), step_at(k1 - 1));
       const int64_t r_lo = off[t_lo], r_hi = off[t_hi] + d.batch_sizes[t_hi];
-      T* gx = save ? a.gates + r_lo * G : ring;
+      T* gx = save ? a.gates + r_lo * G : fuse_x ? nullptr : ring;
       if (!fuse_x) {
         input_projection(nt, tid, r_lo, r_hi, gx);
 #pragma omp barrier
@@ -702,7 +702,9 @@ struct Forward {
         const int64_t tp = k > 0 ? step_at(k - 1) : -1;
         const int64_t n_prev = tp >= 0 ? imin(n, d.batch_sizes[tp]) : 0;
         const T* y_prev = tp >= 0 ? a.y + off[tp] * P : nullptr;
-        T* g = gx + (r0 - r_lo) * G;
+        // The step's gate rows (none with fuse_x and no save: the gates stay
+        // in registers).
+        T* g = fuse_x && !save ? nullptr : gx + (r0 - r_lo) * G;
         T* cells = save ? a.cells + r0 * H : nullptr;
         T* h_out = proj ? hpre : a.y + r0 * P;
         const int64_t ldh = proj ? H : P;
