@@ -834,16 +834,22 @@ def main(argv=None):
         torch.set_float32_matmul_precision(saved[3])
 
 
+def defaults(gpu):
+    """The grid and dtypes a run gets without --grid/--case and --dtypes."""
+    return ("gpu", ["fp32", "fp16", "bf16"]) if gpu else ("cpu", ["fp32"])
+
+
 def results_name(result, gpu, decode_steps=None):
     """The file name (no suffix) of a run in bench/results: the machine, then
     what differs from the default run, so that a float64 or custom run does
     not replace the grid's files: cpu-amd-epyc-avx512-2t-fp64, ...-custom,
     ...-decode200."""
     cfg = result["config"]
+    grid, dtypes = defaults(gpu)
     parts = [result["environment"]["machine"]]
-    if cfg["grid"] != ("gpu" if gpu else "cpu"):
+    if cfg["grid"] != grid:
         parts.append(cfg["grid"])
-    if cfg["dtypes"] != (["fp32", "fp16", "bf16"] if gpu else ["fp32"]):
+    if cfg["dtypes"] != dtypes:
         parts.append("-".join(cfg["dtypes"]))
     if decode_steps:
         parts.append(f"decode{decode_steps}")
@@ -860,7 +866,8 @@ def _bench(args, argv):
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
     torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
-    names = [d.strip() for d in (args.dtypes or ("fp32,fp16,bf16" if gpu else "fp32")).split(",")]
+    default_grid, default_dtypes = defaults(gpu)
+    names = [d.strip() for d in args.dtypes.split(",")] if args.dtypes else default_dtypes
     if any(d not in DTYPES for d in names):
         parser().error(f"--dtypes: choose from {', '.join(DTYPES)}")
     dtypes = list(dict.fromkeys(DTYPES[d] for d in names))
@@ -870,7 +877,7 @@ def _bench(args, argv):
     if args.repeats < 1:
         parser().error("--repeats must be at least 1")
     cases = (list(GRIDS[args.grid]) if args.grid else [] if args.case else
-             list(GRIDS["gpu" if gpu else "cpu"])) + args.case
+             list(GRIDS[default_grid])) + args.case
     if args.decode_steps:
         cases = [dataclasses.replace(c, T=args.decode_steps) if c.kind != "seq" else c
                  for c in cases]
@@ -888,8 +895,7 @@ def _bench(args, argv):
         print(f"warning: lstm_fused has no {device.type} kernels in this build: 'ours' is "
               "nn.LSTM's fallback", file=sys.stderr)
     result = {"schema": SCHEMA, "environment": env,
-              "config": {"grid": args.grid or ("custom" if args.case else
-                                               "gpu" if gpu else "cpu"),
+              "config": {"grid": args.grid or ("custom" if args.case else default_grid),
                          "dtypes": [SHORT[d] for d in dtypes], "modes": modes,
                          "repeats": args.repeats, "warmup": args.warmup,
                          "refs": ["torch"] + refs, "argv": argv},
