@@ -253,17 +253,28 @@ struct Panel {
 // packs A's block. The first K block stores (adding the bias, if any), the
 // others add (all of them with add). While a panel's tiles run, the next panel's K block is
 // fetched into L2, a share per tile (panels lie apart: the hardware
-// prefetchers would not see it coming).
-template <class V, class PackA, class PanelFn, typename T = typename V::scalar>
+// prefetchers would not see it coming). after_panel() runs after each
+// panel's tiles of a K block.
+struct NoHook {
+  void operator()() const {}
+};
+template <class V, class PackA, class PanelFn, class Hook = NoHook,
+          typename T = typename V::scalar>
 void gemm_blocks(int nt, int tid, int64_t M, int64_t K, const PackA& pack, int64_t np,
-                 const PanelFn& panel, T* ablk, bool add = false) {
+                 const PanelFn& panel, T* ablk, bool add = false, int64_t* claim = nullptr,
+                 const Hook& after_panel = Hook()) {
   constexpr int64_t NR = 2 * V::width;
   // Few rows: each thread takes a share of the panels for all rows (packing
-  // A twice); else a share of the row blocks for all panels.
+  // A twice); else a share of the row blocks for all panels, or with `claim`
+  // (a counter shared by the team, 0 before the call) the next block not yet
+  // claimed: a thread on a slower core takes fewer.
   const int groups = M >= 4 * nt * kMC ? 1 : nt, g = tid % groups;
   const int64_t p0 = np * g / groups, p1 = np * (g + 1) / groups;
   const int64_t blocks = groups == 1 ? nt * cdiv(M, nt * kMC) : cdiv(M, kMC);
-  for (int64_t blk = tid / groups; blk < blocks; blk += nt / groups) {
+  const bool dynamic = claim != nullptr && groups == 1 && nt > 1;
+  for (int64_t blk = dynamic ? __atomic_fetch_add(claim, 1, __ATOMIC_RELAXED) : tid / groups;
+       blk < blocks;
+       blk = dynamic ? __atomic_fetch_add(claim, 1, __ATOMIC_RELAXED) : blk + nt / groups) {
     const int64_t m0 = M * blk / blocks, m1 = M * (blk + 1) / blocks;
     const int64_t tiles = cdiv(m1 - m0, 6);
     for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kKC) {
@@ -285,10 +296,20 @@ void gemm_blocks(int nt, int tid, int64_t M, int64_t K, const PackA& pack, int64
           const int mr = tile_rows(m1 - b);
           for (const int64_t upto = lines * ++it / tiles; done < upto; ++done)
             __builtin_prefetch(next + done * 64, 0, 2);
+          // And the next tile's rows of C (rows ldc apart: one stream each,
+          // which the prefetchers would not follow).
+          if (b + mr < m1) {
+            const T* nc = o.c + (b + mr) * o.ldc;
+            for (int r = tile_rows(m1 - b - mr) - 1; r >= 0; --r) {
+              __builtin_prefetch(nc + r * o.ldc, 1, 3);
+              __builtin_prefetch(nc + r * o.ldc + NR - 1, 1, 3);
+            }
+          }
           tile_mr<V>(mr, kc, ap, 0, bp, o.ldb, o.c + b * o.ldc, o.ldc, o.ncols, mode, o.bias);
           ap += mr * kc;
           b += mr;
         }
+        after_panel();
       }
     }
   }
@@ -868,6 +889,7 @@ struct Backward {
   const int64_t* off;
   const BackwardArgs<T>& a;
   T *dh_all, *dhp, *phh, *pwih, *dgs, *pxh, *apack;
+  int64_t claim = 0;  // the weight gradients' next row block (gemm_blocks)
   int64_t N, B, I, H, P, G, chunks, pchunks, ichunks, span, rows;
   bool proj, packed;
 
@@ -957,10 +979,33 @@ struct Backward {
       const int64_t c = p - ic;
       return Panel<T>{b, NR, a.dw_hh + c * NR, P, imin(NR, P - c * NR), nullptr};
     };
-    gemm_blocks<V>(nt, tid, G, n, cols, ic + pchunks, dw, ablk, add);
+    gemm_blocks<V>(nt, tid, G, n, cols, ic + pchunks, dw, ablk, add, &claim);
   }
 
   int64_t step_at(int64_t k) const { return d.reverse ? d.steps - 1 - k : k; }
+
+  // What the cell of step k reads of the saved forward for chunks [c0, c1)
+  // (its gates, c and c_prev: rows G or H apart, short runs the prefetchers
+  // would not follow, from DRAM) into L2, while the step before's GEMM runs:
+  // part `part` of `parts`, each a share of the runs.
+  void prefetch_cell(int64_t k, int64_t c0, int64_t c1, int64_t part, int64_t parts) const {
+    if (k < 0 || c0 >= c1) return;
+    const int64_t t = step_at(k), n = d.batch_sizes[t], r0 = off[t];
+    const int64_t tp = k > 0 ? step_at(k - 1) : -1;
+    const int64_t n_prev = tp >= 0 ? imin(n, d.batch_sizes[tp]) : 0;
+    const int64_t u0 = c0 * NR, bytes = (imin(H, c1 * NR) - u0) * int64_t(sizeof(T));
+    const int64_t runs = n * 6;
+    for (int64_t j = runs * part / parts, j1 = runs * (part + 1) / parts; j < j1; ++j) {
+      const int64_t b = j / 6, kind = j % 6;
+      const T* p = kind < 4   ? a.gates + (r0 + b) * G + kind * H + u0
+                   : kind == 4 ? a.cells + (r0 + b) * H + u0
+                   : b < n_prev ? a.cells + (off[tp] + b) * H + u0
+                                : a.c0 + b * H + u0;
+      const char* q = reinterpret_cast<const char*>(p);
+      for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(q + i, 0, 2);
+      __builtin_prefetch(q + bytes - 1, 0, 2);
+    }
+  }
 
   // Cell backward on rows [b0, b1) (of the step at row r0) for chunks [c0,
   // c1), row by row (each row's units are contiguous: the hardware
@@ -1025,6 +1070,9 @@ struct Backward {
       const int64_t s1 = imax(0, s0 - span + 1);
       const int64_t t_lo = imin(step_at(s0), step_at(s1)), t_hi = imax(step_at(s0), step_at(s1));
       const int64_t r_lo = off[t_lo], r_hi = off[t_hi] + d.batch_sizes[t_hi];
+      // The previous span's claims are over (the barrier after them), the
+      // next start after the barrier of this span's first step.
+      if (tid == 0) __atomic_store_n(&claim, 0, __ATOMIC_RELAXED);
       pack_span(nt, tid, s1, s0, r_lo, r_hi - r_lo);
       for (int64_t k = s0; k >= s1; --k) {
         const int64_t t = step_at(k), n = d.batch_sizes[t], r0 = off[t];
@@ -1077,15 +1125,22 @@ struct Backward {
           return Panel<T>{packed ? pwih + c * G * NR : a.w_ih + c * NR, packed ? NR : I,
                           a.dx + r0 * I + c * NR, I, imin(NR, I - c * NR), nullptr};
         };
+        // Meanwhile the next step's cell inputs are fetched, a share after
+        // each panel.
         if (simd::kRegisters < 32 && G > 4 * kKC) {
           const auto pack = [&](int64_t m0, int64_t m1, int64_t k0, int64_t kc, T* buf) {
             pack_a(m0, m1, dg, G, 1, k0, kc, buf);
           };
-          gemm_blocks<V>(1, 0, n, G, pack, np, panel, apack + tid * kMC * kKC);
+          const int64_t parts = cdiv(n, kMC) * cdiv(G, kKC) * np;
+          int64_t part = 0;
+          const auto fetch = [&] { prefetch_cell(k - 1, mine.begin, mine.end, part++, parts); };
+          gemm_blocks<V>(1, 0, n, G, pack, np, panel, apack + tid * kMC * kKC, false, nullptr,
+                         fetch);
         } else {
           for (int64_t p = 0; p < np; ++p) {
             const Panel<T> o = panel(p);
             gemm_rows<V>(0, n, G, dg, G, o.b, o.ldb, o.c, o.ldc, o.ncols, kStore);
+            prefetch_cell(k - 1, mine.begin, mine.end, p, np);
           }
         }
       }
