@@ -1,8 +1,9 @@
 // The fused CPU kernels for processors with AVX-512 (fused_avx512.cpp) or
 // AVX2 + FMA (fused_avx2.cpp), the same code (fused_engine.h) for both:
 // one parallel region per layer call, in which the threads pack the weights
-// into panels, run the input projection as one GEMM, then walk the steps with
-// one barrier per step (two with a projection). Each thread owns a fixed
+// into panels, run the input projection of a chunk of steps (about 1 MB of
+// gates) as one GEMM, then walk those steps with one barrier per step (two
+// with a projection). Each thread owns a fixed
 // range of hidden units: per step it computes its units' four gate columns of
 // h_{t-1} W_hh^T with a register-tiled microkernel (6 rows by two vectors),
 // straight into the gate rows, and applies the cell (lstm_cell.h) to them
@@ -11,8 +12,10 @@
 // where the weights fit in cache x_t W_ih^T is in the same tile and there is
 // no input projection. Batch 1 reads W_hh in place (dot products) instead of
 // packing it. Backward mirrors it (per step one GEMM gives dh_{t-1} and dx_t
-// while the step's gate gradients are in cache), then runs the weight
-// gradients as one GEMM over all steps in the same parallel region.
+// while the step's gate gradients are in cache and the next step's saved
+// gates are fetched), and after each span of steps (8 MB of gate gradients)
+// the weight gradients as one GEMM in the same parallel region, its row
+// blocks claimed by whichever thread is free.
 //
 // The caller allocates every buffer (sizes below); nothing here allocates.
 #pragma once
