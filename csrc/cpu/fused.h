@@ -11,11 +11,11 @@
 // and one vector of units (gate tiles) and the cell runs on them in registers;
 // where the weights fit in cache x_t W_ih^T is in the same tile and there is
 // no input projection. Batch 1 reads W_hh in place (dot products) instead of
-// packing it. Backward mirrors it (per step one GEMM gives dh_{t-1} and dx_t
-// while the step's gate gradients are in cache and the next step's saved
-// gates are fetched), and after each span of steps (8 MB of gate gradients)
-// the weight gradients as one GEMM in the same parallel region, its row
-// blocks claimed by whichever thread is free.
+// packing it. Backward mirrors it (per step one GEMM gives dh_{t-1} while
+// the step's gate gradients are in cache and the next step's saved gates are
+// fetched), and after each span of steps (8 MB of gate gradients) dx and the
+// weight gradients as GEMMs in the same parallel region, their row blocks
+// claimed by whichever thread is free.
 //
 // The caller allocates every buffer (sizes below); nothing here allocates.
 #pragma once
