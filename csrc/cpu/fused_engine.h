@@ -531,6 +531,10 @@ inline void gate_tile_mr(int mr, int64_t K1, const T* A1, const T* B1, int64_t K
 // step's tiles take x_t W_ih^T too (fuse_x) and there is no input
 // projection: no gates go through memory.
 constexpr int64_t kFuseBytes = int64_t(12) << 20;
+// Forward::by_rows for gate weights up to this size (each thread reads them
+// all every step: they must stay in its L2). Inference 5-17% faster at H =
+// 64-128, batch 32-512 (interleaved A/B, AVX-512, 2 threads).
+constexpr int64_t kByRowsBytes = int64_t(512) << 10;
 struct ForwardLayout {
   bool pack_ih, pack_hh, gate, fuse_x;
   int64_t chunk;  // steps per chunk of the input projection
@@ -572,7 +576,7 @@ struct Forward {
   const int64_t* off;
   const ForwardArgs<T>& a;
   int64_t N, B, I, H, P, G, chunks, pchunks, gchunks;
-  bool pack_ih, pack_hh, gate, fuse_x, proj, save;
+  bool pack_ih, pack_hh, gate, fuse_x, proj, save, by_rows;
   int64_t chunk;
   T *bias, *pih, *phh, *phr, *hpre, *apack, *ring, *hpack, *xpack;
 
@@ -589,6 +593,12 @@ struct Forward {
     pack_hh = l.pack_hh;
     gate = l.gate;
     fuse_x = l.fuse_x;
+    // Small weights (in every core's L2) and a dense batch: each thread can
+    // run its own rows through all the steps (rows do not interact), reading
+    // all the weights, with no barrier per step and packing only its rows.
+    bool dense = true;
+    for (int64_t t = 0; t < d.steps; ++t) dense = dense && d.batch_sizes[t] == B;
+    by_rows = fuse_x && !proj && dense && (I + P) * G * int64_t(sizeof(T)) <= kByRowsBytes;
     gchunks = cdiv(H, V::width);
     chunk = l.chunk;
     bias = work;
@@ -701,9 +711,27 @@ struct Forward {
     }
   }
 
+  // by_rows: this thread's batch rows through every step, all the units.
+  void run_rows(int nt, int tid) {
+    const Range mine = split(B, nt, tid);
+    T* hpk = hpack + tid * B * P;
+    T* xpk = xpack + tid * B * I;
+    for (int64_t k = 0; k < d.steps; ++k) {
+      const int64_t r0 = off[step_at(k)];
+      const T* h_prev = k > 0 ? a.y + off[step_at(k - 1)] * P : a.h0;
+      pack_a(mine.begin, mine.end, h_prev, P, 1, 0, P, hpk);
+      pack_a(mine.begin, mine.end, a.x + r0 * I, I, 1, 0, I, xpk);
+      T* g = save ? a.gates + r0 * G : nullptr;
+      T* cells = save ? a.cells + r0 * H : nullptr;
+      for (int64_t c = 0; c < gchunks; ++c)
+        gate_rows(mine.begin, mine.end, c, xpk, hpk, g, cells, a.y + r0 * P, P);
+    }
+  }
+
   void run(int nt, int tid) {
     pack(nt, tid);
 #pragma omp barrier
+    if (by_rows && nt > 1 && B >= 12 * nt) return run_rows(nt, tid);
     const Range mine = split(gate ? gchunks : chunks, nt, tid);
     const Range pmine = split(pchunks, nt, tid);
     for (int64_t k0 = 0; k0 < d.steps; k0 += chunk) {
