@@ -10,7 +10,9 @@
 // while they are in L1. With AVX-512 the tile holds all four gates of 6 rows
 // and one vector of units (gate tiles) and the cell runs on them in registers;
 // where the weights fit in cache x_t W_ih^T is in the same tile and there is
-// no input projection. Batch 1 reads W_hh in place (dot products) instead of
+// no input projection; where they also fit in L2 and the batch is dense,
+// each thread takes a range of batch rows instead of units through all the
+// steps, with no barrier. Batch 1 reads W_hh in place (dot products) instead of
 // packing it. Backward mirrors it (per step one GEMM gives dh_{t-1} while
 // the step's gate gradients are in cache and the next step's saved gates are
 // fetched), and after each span of steps (8 MB of gate gradients) dx and the
