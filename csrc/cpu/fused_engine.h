@@ -596,8 +596,8 @@ struct Forward {
     // Small weights (in every core's L2) and a dense batch: each thread can
     // run its own rows through all the steps (rows do not interact), reading
     // all the weights, with no barrier per step and packing only its rows.
-    bool dense = true;
-    for (int64_t t = 0; t < d.steps; ++t) dense = dense && d.batch_sizes[t] == B;
+    // (batch_sizes does not increase: dense when its last is B)
+    const bool dense = d.steps == 0 || d.batch_sizes[d.steps - 1] == B;
     by_rows = fuse_x && !proj && dense && (I + P) * G * int64_t(sizeof(T)) <= kByRowsBytes;
     gchunks = cdiv(H, V::width);
     chunk = l.chunk;
