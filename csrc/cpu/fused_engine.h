@@ -207,9 +207,18 @@ void pack_at(int64_t b0, int64_t b1, const T* A, int64_t cs, int64_t k0, int64_t
   for (int64_t b = b0; b < b1;) {
     const int mr = tile_rows(b1 - b);
     const T* src = A + b + k0 * cs;
-    for (int64_t k = 0; k < kc; ++k)
-      for (int r = 0; r < mr; r += V::width)
-        V::load(src + k * cs + r, mr - r).store(out + k * mr + r, mr - r);
+    if (mr <= V::width) {
+      // One vector per k, stored whole where the next k's values overwrite
+      // its lanes past mr (all but the last few k): a masked store each k
+      // made this copy 30-40% slower.
+      int64_t k = 0;
+      for (; (kc - k) * mr >= V::width; ++k) V::load(src + k * cs, mr).store(out + k * mr);
+      for (; k < kc; ++k) V::load(src + k * cs, mr).store(out + k * mr, mr);
+    } else {
+      for (int64_t k = 0; k < kc; ++k)
+        for (int r = 0; r < mr; r += V::width)
+          V::load(src + k * cs + r, mr - r).store(out + k * mr + r, mr - r);
+    }
     out += mr * kc;
     b += mr;
   }
@@ -254,7 +263,8 @@ struct Panel {
 // others add (all of them with add). While a panel's tiles run, the next panel's K block is
 // fetched into L2, a share per tile (panels lie apart: the hardware
 // prefetchers would not see it coming). after_panel() runs after each
-// panel's tiles of a K block.
+// panel's tiles of a K block. With ain, A is read in place (row m at ain +
+// m*lda), not packed: the same sums.
 struct NoHook {
   void operator()() const {}
 };
@@ -262,7 +272,7 @@ template <class V, class PackA, class PanelFn, class Hook = NoHook,
           typename T = typename V::scalar>
 void gemm_blocks(int nt, int tid, int64_t M, int64_t K, const PackA& pack, int64_t np,
                  const PanelFn& panel, T* ablk, bool add = false, int64_t* claim = nullptr,
-                 const Hook& after_panel = Hook()) {
+                 const Hook& after_panel = Hook(), const T* ain = nullptr, int64_t lda = 0) {
   constexpr int64_t NR = 2 * V::width;
   // Few rows: each thread takes a share of the panels for all rows (packing
   // A twice); else a share of the row blocks for all panels, or with `claim`
@@ -279,12 +289,12 @@ void gemm_blocks(int nt, int tid, int64_t M, int64_t K, const PackA& pack, int64
     const int64_t tiles = cdiv(m1 - m0, 6);
     for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kKC) {
       const int64_t kc = imin(kKC, K - k0);
-      pack(m0, m1, k0, kc, ablk);
+      if (ain == nullptr) pack(m0, m1, k0, kc, ablk);
       for (int64_t p = p0; p < p1; ++p) {
         const Panel<T> o = panel(p);
         const Mode mode = k0 > 0 || add ? kAdd : o.bias ? kBias : kStore;
         const T* bp = o.b + k0 * o.ldb;
-        const T* ap = ablk;
+        const T* ap = ain ? ain + m0 * lda + k0 : ablk;
         const char* next = nullptr;
         int64_t lines = 0, done = 0, it = 0;
         if (p + 1 < p1) {
@@ -305,8 +315,9 @@ void gemm_blocks(int nt, int tid, int64_t M, int64_t K, const PackA& pack, int64
               __builtin_prefetch(nc + r * o.ldc + NR - 1, 1, 3);
             }
           }
-          tile_mr<V>(mr, kc, ap, 0, bp, o.ldb, o.c + b * o.ldc, o.ldc, o.ncols, mode, o.bias);
-          ap += mr * kc;
+          tile_mr<V>(mr, kc, ap, ain ? lda : 0, bp, o.ldb, o.c + b * o.ldc, o.ldc, o.ncols, mode,
+                     o.bias);
+          ap += ain ? mr * lda : mr * kc;
           b += mr;
         }
         after_panel();
@@ -1014,7 +1025,10 @@ struct Backward {
   // dx = dgates W_ih for the span's n rows from r_lo, as one GEMM: W_ih's
   // panels are read once per row block of the span instead of once per step
   // (than with dx in each step's GEMM, training 2-4% faster with AVX2 at H =
-  // 256-1024 and at batch 8, 0-2% with AVX-512 at H >= 512).
+  // 256-1024 and at batch 8, 0-2% with AVX-512 at H >= 512). With at most
+  // four panels (I <= 4 NR) the gate gradients are read in place: packing
+  // them cost a quarter of this GEMM at I = H = 64; with more panels to
+  // share it, the packing is as fast or faster.
   void input_gradients(int nt, int tid, int64_t r_lo, int64_t n) {
     const auto pack = [&](int64_t m0, int64_t m1, int64_t k0, int64_t kc, T* buf) {
       pack_a(m0, m1, dgs, G, 1, k0, kc, buf);
@@ -1024,7 +1038,7 @@ struct Backward {
                       a.dx + r_lo * I + p * NR, I, imin(NR, I - p * NR), nullptr};
     };
     gemm_blocks<V>(nt, tid, n, G, pack, ichunks, panel, apack + tid * kMC * kKC, false,
-                   &claim_dx);
+                   &claim_dx, NoHook(), ichunks <= 4 ? dgs : nullptr, G);
   }
 
   int64_t step_at(int64_t k) const { return d.reverse ? d.steps - 1 - k : k; }
